@@ -1,0 +1,1 @@
+"""rsclip_jax: RemoteCLIP in JAX/Flax."""

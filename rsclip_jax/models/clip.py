@@ -1,0 +1,137 @@
+"""The CLIP model: an image tower, a causal text tower, projections and a learnable temperature.
+
+Attribute names follow OpenCLIP's `CLIP` module (`visual`, `transformer`, `token_embedding`,
+`positional_embedding`, `ln_final`, `text_projection`, `logit_scale`) so the state_dict mapping in
+`rsclip_jax.checkpoint.openclip` stays a short, readable table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rsclip_jax.models.config import CLIPConfig, get_model_config
+from rsclip_jax.models.layers import LayerNorm, Transformer, mm, normal, param
+from rsclip_jax.models.resnet import ModifiedResNet
+from rsclip_jax.models.vit import VisionTransformer
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) along the last axis, like torch.nn.functional.normalize."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+class CLIP(nnx.Module):
+    """A CLIP model built from a `CLIPConfig`.
+
+    Args:
+        config: the architecture.
+        dtype: compute dtype of the matmuls (`float32` or `bfloat16`); parameters stay float32.
+        scan_layers: `lax.scan` over transformer layers (faster compiles and steps on XLA).
+        remat_policy: rematerialisation of transformer blocks: none, full, dots_saveable, ...
+        rngs: parameter initialisation keys.
+    """
+
+    def __init__(
+        self,
+        config: CLIPConfig,
+        *,
+        dtype: str = "float32",
+        scan_layers: bool = True,
+        remat_policy: str = "none",
+        rngs: nnx.Rngs,
+    ):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+        config.validate()
+        self.config = config
+        cdt = DTYPES[dtype]
+        self.dtype = cdt
+        tower = ModifiedResNet if config.vision.is_resnet else VisionTransformer
+        self.visual = tower(
+            config.vision,
+            config.embed_dim,
+            quick_gelu=config.quick_gelu,
+            dtype=cdt,
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
+            rngs=rngs,
+        )
+        t = config.text
+        self.token_embedding = param(rngs, normal(0.02), (t.vocab_size, t.width), ("vocab", "embed"))
+        self.positional_embedding = param(rngs, normal(0.01), (t.context_length, t.width), (None, "embed"))
+        self.transformer = Transformer(
+            t.width,
+            t.layers,
+            t.heads,
+            mlp_ratio=t.mlp_ratio,
+            quick_gelu=config.quick_gelu,
+            causal=True,
+            dtype=cdt,
+            scan_layers=scan_layers,
+            remat_policy=remat_policy,
+            rngs=rngs,
+        )
+        self.ln_final = LayerNorm(t.width)
+        self.text_projection = param(rngs, normal(t.width**-0.5), (t.width, config.embed_dim), ("embed", "proj"))
+        self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32), logical_axes=())
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision.image_size
+
+    def encode_image(self, images: jax.Array, normalize: bool = False) -> jax.Array:
+        """Image features from normalised NHWC float images, float32 (B, embed_dim)."""
+        x = self.visual(images).astype(jnp.float32)
+        return l2_normalize(x) if normalize else x
+
+    def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
+        """Text features from token ids (B, context_length), pooled at the EOT (argmax id) token."""
+        ctx = self.config.text.context_length
+        if tokens.ndim != 2 or tokens.shape[1] != ctx:
+            raise ValueError(f"expected tokens of shape (B, {ctx}), got {tokens.shape}")
+        x = jnp.take(self.token_embedding[...], tokens, axis=0) + self.positional_embedding[...]
+        x = self.ln_final(self.transformer(x))
+        # EOT has the largest id in the vocabulary, so argmax finds it (as OpenAI CLIP does).
+        pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=-1)[:, None, None], axis=1)[:, 0]
+        x = mm(pooled, self.text_projection[...], self.dtype, "bd,de->be").astype(jnp.float32)
+        return l2_normalize(x) if normalize else x
+
+    def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """L2-normalised image and text features, and the temperature exp(logit_scale)."""
+        return (
+            self.encode_image(images, normalize=True),
+            self.encode_text(tokens, normalize=True),
+            jnp.exp(self.logit_scale[...]),
+        )
+
+
+def create_model(
+    model: str | CLIPConfig,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    scan_layers: bool = True,
+    remat_policy: str = "none",
+    abstract: bool = False,
+    **overrides: Any,
+) -> CLIP:
+    """Builds a randomly initialised CLIP from a registry name or a config.
+
+    With `abstract=True` no memory is allocated: parameters are `jax.ShapeDtypeStruct`s, ready to
+    be filled from a checkpoint (see `rsclip_jax.checkpoint`).
+    """
+    config = get_model_config(model) if isinstance(model, str) else model
+    if overrides:
+        config = CLIPConfig.from_dict({**config.to_dict(), **overrides})
+
+    def build() -> CLIP:
+        return CLIP(config, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy, rngs=nnx.Rngs(seed))
+
+    return nnx.eval_shape(build) if abstract else build()

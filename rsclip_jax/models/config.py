@@ -1,0 +1,165 @@
+"""Model configurations and the registry of named presets.
+
+Names follow OpenCLIP (`ViT-B-32`, `RN50`, `ViT-B-32-quickgelu`, ...), because model names and
+state_dict names are the interchange format with PyTorch users. A `-quickgelu` suffix switches
+the activation to QuickGELU, exactly as in OpenCLIP. The `RemoteCLIP-*` presets are the three
+released RemoteCLIP architectures; they use QuickGELU because those weights were trained on from
+OpenAI CLIP (the README demo of the official repo builds plain GELU, which is subtly wrong).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+__all__ = [
+    "VisionConfig",
+    "TextConfig",
+    "CLIPConfig",
+    "get_model_config",
+    "list_models",
+    "UnknownModelError",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Image tower architecture.
+
+    `layers` is an int for a ViT, or a 4-tuple of bottleneck counts for a ModifiedResNet.
+    """
+
+    image_size: int = 224
+    layers: int | tuple[int, int, int, int] = 12
+    width: int = 768
+    patch_size: int | None = 32
+    head_width: int = 64
+    mlp_ratio: float = 4.0
+
+    @property
+    def is_resnet(self) -> bool:
+        return isinstance(self.layers, tuple)
+
+    @property
+    def heads(self) -> int:
+        # OpenCLIP: ViT heads = width // head_width; ResNet attention pool heads = width * 32 // 64.
+        return self.width * 32 // self.head_width if self.is_resnet else self.width // self.head_width
+
+    def validate(self) -> None:
+        if self.is_resnet:
+            if len(self.layers) != 4 or any(n < 1 for n in self.layers):
+                raise ValueError(f"vision.layers must be 4 positive ints for a ResNet, got {self.layers}")
+            if self.image_size % 32:
+                raise ValueError(f"ResNet image_size must be a multiple of 32, got {self.image_size}")
+        else:
+            if not self.patch_size or self.image_size % self.patch_size:
+                raise ValueError(
+                    f"vision.image_size {self.image_size} must be a multiple of patch_size {self.patch_size}"
+                )
+            if self.width % self.head_width:
+                raise ValueError(f"vision.width {self.width} must be a multiple of head_width {self.head_width}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Causal text transformer architecture (OpenAI CLIP style, pooled at the EOT token)."""
+
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"text.width {self.width} must be a multiple of text.heads {self.heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+    """A full CLIP model: two towers projected into a shared `embed_dim` space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    quick_gelu: bool = False
+    init_logit_scale: float = math.log(1 / 0.07)
+
+    def validate(self) -> "CLIPConfig":
+        self.vision.validate()
+        self.text.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
+        vision = dict(d.get("vision", {}))
+        if isinstance(vision.get("layers"), list):
+            vision["layers"] = tuple(vision["layers"])
+        top = {k: v for k, v in d.items() if k not in ("vision", "text")}
+        return cls(vision=VisionConfig(**vision), text=TextConfig(**d.get("text", {})), **top).validate()
+
+
+_TEXT_512 = TextConfig(width=512, heads=8, layers=12)
+_TEXT_768 = TextConfig(width=768, heads=12, layers=12)
+
+# Base architectures, as in OpenCLIP's model_configs/*.json.
+_BASE: dict[str, CLIPConfig] = {
+    "RN50": CLIPConfig(1024, VisionConfig(layers=(3, 4, 6, 3), width=64, patch_size=None), _TEXT_512),
+    "RN101": CLIPConfig(512, VisionConfig(layers=(3, 4, 23, 3), width=64, patch_size=None), _TEXT_512),
+    "ViT-B-32": CLIPConfig(512, VisionConfig(layers=12, width=768, patch_size=32), _TEXT_512),
+    "ViT-B-16": CLIPConfig(512, VisionConfig(layers=12, width=768, patch_size=16), _TEXT_512),
+    "ViT-L-14": CLIPConfig(768, VisionConfig(layers=24, width=1024, patch_size=14), _TEXT_768),
+    "ViT-L-14-336": CLIPConfig(
+        768, VisionConfig(image_size=336, layers=24, width=1024, patch_size=14), _TEXT_768
+    ),
+    # Small architectures for tests, demos and smoke runs (not OpenCLIP names).
+    "tiny-ViT": CLIPConfig(
+        64,
+        VisionConfig(image_size=64, layers=2, width=64, patch_size=16, head_width=32),
+        TextConfig(width=64, heads=2, layers=2),
+    ),
+    "tiny-RN": CLIPConfig(
+        64,
+        VisionConfig(image_size=64, layers=(1, 1, 1, 1), width=16, patch_size=None, head_width=32),
+        TextConfig(width=64, heads=2, layers=2),
+    ),
+}
+
+_REMOTECLIP = {"RemoteCLIP-RN50": "RN50", "RemoteCLIP-ViT-B-32": "ViT-B-32", "RemoteCLIP-ViT-L-14": "ViT-L-14"}
+
+
+def list_models() -> list[str]:
+    """All known model names (base, `-quickgelu` variants and the RemoteCLIP presets)."""
+    names = list(_BASE) + [f"{n}-quickgelu" for n in _BASE] + list(_REMOTECLIP)
+    return sorted(names)
+
+
+class UnknownModelError(ValueError):
+    """Raised for a model name that is not in the registry."""
+
+
+def get_model_config(name: str) -> CLIPConfig:
+    """Returns the configuration of the named model.
+
+    Raises:
+        UnknownModelError: listing the known names.
+    """
+    if name in _REMOTECLIP:
+        return dataclasses.replace(_BASE[_REMOTECLIP[name]], quick_gelu=True)
+    base, quick = (name[: -len("-quickgelu")], True) if name.endswith("-quickgelu") else (name, False)
+    if base not in _BASE:
+        raise UnknownModelError(f"unknown model name {name!r}; known models: {', '.join(list_models())}")
+    return dataclasses.replace(_BASE[base], quick_gelu=quick)
+
+
+def config_name(config: CLIPConfig) -> str | None:
+    """The registry name of `config`, if it matches one exactly (RemoteCLIP names preferred)."""
+    for name in list(_REMOTECLIP) + list_models():
+        if get_model_config(name) == config:
+            return name
+    return None
