@@ -38,16 +38,18 @@ def _reference(checkpoint, paths, texts):
 
 def test_embed_images_and_texts(tiny_checkpoint, tiles, captions_file, tmp_path):
     out = tmp_path / "out.npz"
-    # batch size 3 over 7 tiles: two full batches and one padded batch
-    rc = main(["embed", "--checkpoint", str(tiny_checkpoint), "--images", str(tiles[0].parent),
-               "--texts", str(captions_file), "--out", str(out), "--batch-size", "3"])
+    # The directory expands to its tiles sorted by name; two more files make a second batch.
+    # --batch-size 3 rounds up to one example per device (8 simulated devices): 8 + 1 padded.
+    expected = [str(p) for p in tiles] + [str(tiles[1]), str(tiles[0])]
+    rc = main(["embed", "--checkpoint", str(tiny_checkpoint), "--images", str(tiles[0].parent), str(tiles[1]),
+               str(tiles[0]), "--texts", str(captions_file), "--out", str(out), "--batch-size", "3"])
     assert rc == 0
     z = np.load(out)
-    assert list(z["image_paths"]) == [str(p) for p in tiles]  # directory expanded, sorted by name
+    assert list(z["image_paths"]) == expected
     assert list(z["texts"]) == CAPTIONS
-    assert z["image_embeddings"].shape == (len(tiles), 64) and z["image_embeddings"].dtype == np.float32
+    assert z["image_embeddings"].shape == (len(expected), 64) and z["image_embeddings"].dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(z["image_embeddings"], axis=1), 1.0, atol=1e-5)
-    img, txt = _reference(tiny_checkpoint, tiles, CAPTIONS)
+    img, txt = _reference(tiny_checkpoint, expected, CAPTIONS)
     np.testing.assert_allclose(z["image_embeddings"], img, atol=1e-5)
     np.testing.assert_allclose(z["text_embeddings"], txt, atol=1e-5)
 

@@ -1,0 +1,1 @@
+"""Distributed contrastive training: mesh and sharding, losses, optimiser, train step, checkpoints."""
