@@ -216,7 +216,9 @@ def infer_config(state_dict: Mapping[str, np.ndarray], quick_gelu: bool = True) 
             f"cannot infer the architecture: key {e} is missing; this does not look like an OpenCLIP CLIP "
             "state_dict. Pass --model NAME to check it against a known architecture."
         ) from None
-    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu).validate()
+    # A SigLIP-trained model has a learned logit bias; its value comes from the checkpoint.
+    bias = 0.0 if "logit_bias" in sd else None
+    return CLIPConfig(embed_dim=embed_dim, vision=vision, text=text, quick_gelu=quick_gelu, init_logit_bias=bias).validate()
 
 
 def model_from_state_dict(

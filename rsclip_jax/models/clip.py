@@ -81,6 +81,8 @@ class CLIP(nnx.Module):
         self.ln_final = LayerNorm(t.width)
         self.text_projection = param(rngs, normal(t.width**-0.5), (t.width, config.embed_dim), ("embed", "proj"))
         self.logit_scale = nnx.Param(jnp.asarray(config.init_logit_scale, jnp.float32), logical_axes=())
+        if config.init_logit_bias is not None:
+            self.logit_bias = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32), logical_axes=())
 
     @property
     def image_size(self) -> int:

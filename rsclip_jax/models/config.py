@@ -86,6 +86,8 @@ class CLIPConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     quick_gelu: bool = False
     init_logit_scale: float = math.log(1 / 0.07)
+    # A learnable logit bias, for the SigLIP loss (SigLIP inits: scale log 10, bias -10).
+    init_logit_bias: float | None = None
 
     def validate(self) -> "CLIPConfig":
         self.vision.validate()
