@@ -53,7 +53,8 @@ class Embedder:
         self.batch_size = -(-batch_size // n) * n
         self.num_threads = num_threads or min(8, (os.cpu_count() or 1) + 1)
         graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state, NamedSharding(mesh, P()))
+        self._graphdef, self._replicated = graphdef, NamedSharding(mesh, P())
+        self._state = jax.device_put(state, self._replicated)
         batch = NamedSharding(mesh, P("data"))
         self._batch_sharding = batch
 
@@ -66,6 +67,19 @@ class Embedder:
         self._images_fn = jax.jit(images_fn, in_shardings=(None, batch), out_shardings=batch)
         self._texts_fn = jax.jit(texts_fn, in_shardings=(None, batch), out_shardings=batch)
         self.logit_scale = float(min(np.exp(np.asarray(state["logit_scale"][...])), MAX_LOGIT_SCALE))
+
+    def set_model(self, model: CLIP) -> None:
+        """Swaps in new weights of the same architecture without recompiling (e.g. during training)."""
+        graphdef, state = nnx.split(model)
+        if graphdef != self._graphdef:
+            raise ValueError("set_model needs a model of the same architecture and options")
+        if jax.process_count() > 1:
+            # Training shards parameters over every host; each host embeds with a full local copy.
+            from jax.experimental import multihost_utils
+
+            state = multihost_utils.process_allgather(state, tiled=True)
+        self._state = jax.device_put(state, self._replicated)
+        self.logit_scale = float(min(np.exp(np.asarray(self._state["logit_scale"][...])), MAX_LOGIT_SCALE))
 
     def _run(self, fn: Any, batch: np.ndarray) -> np.ndarray:
         n = len(batch)

@@ -9,18 +9,23 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from rsclip_jax.cli import checkpoints, demo, embed
+    from rsclip_jax.cli import checkpoints, data, demo, embed, train
 
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (embed, checkpoints, demo):
+    for module in (embed, checkpoints, data, train, demo):
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one subcommand. User errors print one clear line and exit 1 (RSCLIP_DEBUG=1 shows tracebacks)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Only `train` takes --config.KEY=VALUE overrides; anything else unknown is an error.
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as e:

@@ -33,8 +33,10 @@ class CLIP(nnx.Module):
     Args:
         config: the architecture.
         dtype: compute dtype of the matmuls (`float32` or `bfloat16`); parameters stay float32.
-        scan_layers: `lax.scan` over transformer layers (faster compiles and steps on XLA).
-        remat_policy: rematerialisation of transformer blocks: none, full, dots_saveable, ...
+        scan_layers: `lax.scan` over transformer layers (faster compiles and steps on XLA);
+            one bool for both towers or a (visual, text) pair.
+        remat_policy: rematerialisation of transformer blocks: none, full, dots_saveable, ...;
+            one policy for both towers or a (visual, text) pair.
         rngs: parameter initialisation keys.
     """
 
@@ -43,10 +45,12 @@ class CLIP(nnx.Module):
         config: CLIPConfig,
         *,
         dtype: str = "float32",
-        scan_layers: bool = True,
-        remat_policy: str = "none",
+        scan_layers: bool | tuple[bool, bool] = True,
+        remat_policy: str | tuple[str, str] = "none",
         rngs: nnx.Rngs,
     ):
+        visual_scan, text_scan = scan_layers if isinstance(scan_layers, tuple) else (scan_layers,) * 2
+        visual_remat, text_remat = remat_policy if isinstance(remat_policy, tuple) else (remat_policy,) * 2
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
         config.validate()
@@ -59,8 +63,8 @@ class CLIP(nnx.Module):
             config.embed_dim,
             quick_gelu=config.quick_gelu,
             dtype=cdt,
-            scan_layers=scan_layers,
-            remat_policy=remat_policy,
+            scan_layers=visual_scan,
+            remat_policy=visual_remat,
             rngs=rngs,
         )
         t = config.text
@@ -74,8 +78,8 @@ class CLIP(nnx.Module):
             quick_gelu=config.quick_gelu,
             causal=True,
             dtype=cdt,
-            scan_layers=scan_layers,
-            remat_policy=remat_policy,
+            scan_layers=text_scan,
+            remat_policy=text_remat,
             rngs=rngs,
         )
         self.ln_final = LayerNorm(t.width)
@@ -119,8 +123,8 @@ def create_model(
     *,
     seed: int = 0,
     dtype: str = "float32",
-    scan_layers: bool = True,
-    remat_policy: str = "none",
+    scan_layers: bool | tuple[bool, bool] = True,
+    remat_policy: str | tuple[str, str] = "none",
     abstract: bool = False,
     **overrides: Any,
 ) -> CLIP:

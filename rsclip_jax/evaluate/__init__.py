@@ -1,0 +1,1 @@
+"""Evaluation of CLIP models on remote-sensing benchmarks."""

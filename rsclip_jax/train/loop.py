@@ -1,0 +1,189 @@
+"""The training loop: resume, step, log, evaluate, checkpoint, handle preemption.
+
+`train(config, workdir)` is what `rsclip train` runs. Rerunning the same command with the same
+workdir resumes from the latest checkpoint (train state and data iterator), so the metrics after
+a resume equal those of an uninterrupted run. SIGTERM (preemption) makes the loop save a
+checkpoint at the next step boundary and return cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from rsclip_jax.data.pipeline import to_global_batch
+from rsclip_jax.train.checkpointing import Checkpointer
+from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
+from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
+from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
+
+# An eval hook maps (step, train state) to flat metrics, e.g. {"retrieval/mean_recall": 12.3}.
+EvalHook = Callable[[int, Any], dict[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised under nan_policy='stop' when a step's loss or gradient is NaN/Inf."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked at step boundaries (agreed on by all processes)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, eval_hooks: list[EvalHook] | None = None) -> dict[str, Any]:
+    """Trains to `config.total_steps`, resuming from `workdir` when it holds a checkpoint.
+
+    Returns a summary: final step, last logged metrics, eval results and how the run ended.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    run = build_run(config)
+    checkpointer = Checkpointer(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
+    data_iter = iter(train_data(config, run.model_config.vision.image_size))
+    start = checkpointer.latest_step()
+    if start is not None:
+        start, state = checkpointer.restore(run.abstract_state, data_iter)
+        _log(f"resumed from {checkpointer.directory} at step {start}")
+    else:
+        start, state = 0, initial_state(run)
+        _log(f"started from {'scratch' if not config.model.init_from else config.model.init_from}")
+    writer = MetricWriter(workdir, resume_step=start)
+    step_fn = _compile(run, state, data_iter)
+    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, eval_hooks or [])
+    writer.close()
+    checkpointer.close()
+    return summary
+
+
+def _compile(run: Run, state: Any, data_iter: Any) -> Any:
+    config = run.config
+    loss = LossConfig(config.loss.name, config.loss.chunk_size or None)
+    step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, batch_axes=run.batch_axes, loss=loss,
+                           grad_accum_steps=config.optim.grad_accum_steps)
+    return jit_train_step(step, run.shardings, run.mesh, run.batch_axes)
+
+
+def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, data_iter: Any, step_fn: Any,
+          checkpointer: Checkpointer, writer: MetricWriter, eval_hooks: list[EvalHook]) -> dict[str, Any]:
+    config_dict = config.to_dict()
+    preemption = _Preemption()
+    flops, peak = None, peak_flops_per_device()
+    bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
+               disable=jax.process_index() != 0, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    evals: dict[str, float] = {}
+    skipped = 0
+    ended = "completed"
+    window_start, window_steps = time.perf_counter(), 0
+    step = start
+    try:
+        while step < config.total_steps:
+            batch = to_global_batch(next(data_iter), run.mesh, run.batch_axes)
+            if flops is None:
+                compiled = step_fn.lower(state, batch).compile()
+                flops = _flops(compiled)
+                step_fn = compiled
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window_steps += 1
+            metrics = jax.device_get(metrics)
+            if bool(metrics["nonfinite"]):
+                skipped += 1
+                msg = f"step {step}: non-finite loss ({float(metrics['loss'])}) or gradient; update skipped"
+                if config.nan_policy == "stop":
+                    raise NonFiniteLossError(msg + "; stopping (nan_policy='stop'). Lower the learning rate or "
+                                             "check the data; the last checkpoint holds finite parameters.")
+                _log(msg + " (nan_policy='skip')")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            if step % config.log_every_steps == 0 or step == config.total_steps:
+                elapsed = time.perf_counter() - window_start
+                last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
+                writer.write(step, last)
+                window_start, window_steps = time.perf_counter(), 0
+            if eval_hooks and config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
+                evals = _run_evals(eval_hooks, step, state, writer)
+            if step == config.total_steps:
+                if eval_hooks:
+                    evals = _run_evals(eval_hooks, step, state, writer)
+                checkpointer.save(step, state, data_iter, config_dict, evals)
+            elif step % config.checkpoint_every_steps == 0:
+                checkpointer.save(step, state, data_iter, config_dict, evals)
+            if preemption.agreed():
+                checkpointer.save(step, state, data_iter, config_dict, evals)
+                checkpointer.wait()
+                ended = "preempted"
+                _log(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume")
+                break
+    finally:
+        bar.close()
+        preemption.restore()
+    return {"step": step, "ended": ended, "metrics": last, "evals": evals, "skipped_steps": skipped}
+
+
+def _flops(compiled: Any) -> float | None:
+    try:
+        analysis = compiled.cost_analysis()
+        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+        flops = float(analysis.get("flops", 0.0))
+        return flops if flops > 0 else None
+    except Exception:  # cost analysis is best-effort and backend-specific
+        return None
+
+
+def _step_metrics(metrics: dict[str, Any], step: int, steps: int, seconds: float, batch_size: int,
+                  flops: float | None, peak: float | None, skipped: int) -> dict[str, float]:
+    out = {k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "logit_scale")}
+    out["step"] = step
+    out["samples_per_sec"] = batch_size * steps / max(seconds, 1e-9)
+    out["skipped_steps"] = skipped
+    if flops is not None:
+        out["tflops_per_device"] = flops * steps / max(seconds, 1e-9) / 1e12
+        if peak:
+            out["mfu"] = flops * steps / max(seconds, 1e-9) / peak
+    return out
+
+
+def _run_evals(hooks: list[EvalHook], step: int, state: Any, writer: MetricWriter) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for hook in hooks:
+        results.update(hook(step, state))
+    writer.write(step, {"step": step, **results}, kind="eval")
+    return results
+
+
+def _log(msg: str) -> None:
+    if jax.process_index() == 0:
+        print(f"[train] {msg}", file=sys.stderr, flush=True)
+
+
+def read_metrics(workdir: str, kind: str = "train") -> list[dict[str, Any]]:
+    """The records of `workdir/metrics.jsonl` (or `eval_metrics.jsonl`), in order."""
+    path = os.path.join(workdir, "metrics.jsonl" if kind == "train" else f"{kind}_metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,132 @@
+"""Everything a run builds before its first step: mesh, model, optimiser, sharded state, data.
+
+Kept apart from the loop so tests and tools (e.g. a reshape test, an eval of a workdir) can build
+the same objects the trainer uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from rsclip_jax.checkpoint import load_state_dict, load_state_dict_into
+from rsclip_jax.data import shards
+from rsclip_jax.data.augment import AugmentConfig
+from rsclip_jax.data.pipeline import LoaderConfig, train_dataset
+from rsclip_jax.models import CLIPConfig, create_model, get_model_config
+from rsclip_jax.train.checkpointing import Checkpointer, abstract_with_shardings
+from rsclip_jax.train.optim import learning_rate_schedule, make_optimizer
+from rsclip_jax.train.sharding import BATCH_AXES, make_mesh, state_shardings
+from rsclip_jax.train.step import TrainState, init_train_state
+
+
+@dataclasses.dataclass
+class Run:
+    """The objects of one training run (built by `build_run`)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model_config: CLIPConfig
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    abstract_state: Any  # ShapeDtypeStructs with the target shardings
+    shardings: Any
+    batch_axes: tuple[str, ...]
+
+
+def model_config_from(config: ml_collections.ConfigDict) -> CLIPConfig:
+    """The architecture; the SigLIP loss adds a learnable bias with SigLIP's initial values."""
+    model_config = get_model_config(config.model.name)
+    if config.loss.name == "siglip":
+        model_config = dataclasses.replace(model_config, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
+    return model_config
+
+
+def _create(config: ml_collections.ConfigDict, model_config: CLIPConfig, abstract: bool = False) -> nnx.Module:
+    m = config.model
+    return create_model(
+        model_config,
+        seed=config.seed,
+        dtype=m.dtype,
+        scan_layers=(m.visual_scan, m.text_scan),
+        remat_policy=(m.visual_remat, m.text_remat),
+        abstract=abstract,
+    )
+
+
+def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
+    """Mesh, optimiser and the abstract sharded state; nothing is allocated yet."""
+    mesh = make_mesh(config.mesh.shape, config.mesh.dcn_shape, devices=devices)
+    batch_axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    data_parallel = math.prod(mesh.shape[a] for a in batch_axes)
+    accum = config.optim.grad_accum_steps
+    if config.batch_size % (data_parallel * accum):
+        raise ValueError(
+            f"batch_size {config.batch_size} must be divisible by the data-parallel size {data_parallel} "
+            f"times grad_accum_steps {accum}"
+        )
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.process_count()} processes")
+    model_config = model_config_from(config)
+    schedule = learning_rate_schedule(
+        config.optim.lr, config.total_steps, config.optim.warmup_steps, config.optim.schedule, config.optim.end_lr_ratio
+    )
+    freeze = tuple(t.strip() for t in config.optim.freeze.split(",") if t.strip())
+    tx = make_optimizer(
+        schedule,
+        b1=config.optim.b1,
+        b2=config.optim.b2,
+        eps=config.optim.eps,
+        weight_decay=config.optim.weight_decay,
+        grad_clip_norm=config.optim.grad_clip_norm or None,
+        lr_mult=dict(config.optim.lr_mult),
+        freeze=freeze,
+    )
+    graphdef, abstract = nnx.eval_shape(lambda: init_train_state(_create(config, model_config), tx))
+    shardings = state_shardings(abstract, mesh, [tuple(r) for r in config.mesh.rules], config.mesh.fsdp_min_size)
+    return Run(config, mesh, model_config, schedule, tx, graphdef, abstract_with_shardings(abstract, shardings),
+               shardings, batch_axes)
+
+
+def initial_state(run: Run) -> TrainState:
+    """A fresh sharded state: from scratch, from OpenCLIP weights, or from an rsclip workdir's params."""
+    config, tx = run.config, run.tx
+    source = config.model.init_from
+    if not source:
+        fresh = lambda: init_train_state(_create(config, run.model_config), tx)[1]  # noqa: E731
+        return jax.jit(fresh, out_shardings=run.shardings)()
+    if os.path.isdir(source):
+        restored = Checkpointer(source, use_async=False).restore_state_only(run.abstract_state)
+        params, rest = restored.params, restored.rest
+    else:
+        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(source))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def from_weights(params: Any, rest: Any) -> TrainState:
+        return TrainState(jax.numpy.zeros((), jax.numpy.int32), params, tx.init(params), rest)
+
+    return jax.jit(from_weights, out_shardings=run.shardings)(params, rest)
+
+
+def train_data(config: ml_collections.ConfigDict, image_size: int) -> Any:
+    """This process's grain training dataset (iterate it for a checkpointable iterator)."""
+    if not config.data.train:
+        raise ValueError("config.data.train is empty: point it at a directory built by `rsclip data build`")
+    d = config.data
+    augment = AugmentConfig(image_size=image_size, scale=(d.crop_scale_min, d.crop_scale_max),
+                            hflip=d.hflip, vflip=d.vflip, rot90=d.rot90)
+    return train_dataset(
+        shards.shard_paths(d.train),
+        batch_size=config.batch_size // jax.process_count(),
+        seed=config.seed,
+        augment=augment,
+        loader=LoaderConfig(worker_count=d.num_workers),
+    )
