@@ -49,3 +49,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_checkpoint(create_model("tiny-ViT", seed=1), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory: pytest.TempPathFactory, tiles: list[Path]) -> Path:
+    """ArrayRecord shards of 48 real crops (96 px) from the sample tiles, 2 captions each."""
+    import csv
+
+    from PIL import Image
+
+    from rsclip_jax.cli import main
+
+    root = tmp_path_factory.mktemp("train_data")
+    rows = []
+    for i in range(48):
+        with Image.open(tiles[i % len(tiles)]) as im:
+            im = im.convert("RGB")
+            x, y = (i * 37) % max(1, im.width - 96), (i * 53) % max(1, im.height - 96)
+            name = f"crop{i:02d}.png"
+            im.crop((x, y, x + 96, y + 96)).save(root / name)
+        rows += [(name, f"Tile {i % len(tiles)} crop at {x} {y} ."), (name, f"There are {i % 5 + 1} things here .")]
+    with open(root / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "title"), *rows])
+    assert main(["data", "build", "--csv", str(root / "train.csv"), "--out", str(root / "shards")]) == 0
+    return root / "shards"

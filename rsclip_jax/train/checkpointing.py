@@ -4,7 +4,9 @@ Each checkpoint is one step directory written atomically by orbax (to a temporar
 when complete), with three items:
 
 * `state`: the TrainState (params, optimiser state, BatchNorm statistics, step), saved sharded;
-* `data`: the grain iterator state, so a resumed run sees exactly the batches it would have seen;
+* `data`: the grain iterator state (`get_state()`, taken synchronously at save time: orbax writes
+  in the background while the iterator moves on), so a resumed run sees exactly the batches it
+  would have seen;
 * `config`: the full config as JSON, for provenance.
 
 Saves are asynchronous: the train loop continues while orbax writes. The last `keep` checkpoints
@@ -19,7 +21,6 @@ import json
 import os
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,7 @@ class Checkpointer:
             item_names=("state", "data", "config"),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
@@ -73,7 +74,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=ocp.args.JsonSave(data_iterator.get_state()),
                 config=ocp.args.JsonSave(json.loads(json.dumps(config, default=_jsonable))),
             ),
             metrics={k: float(v) for k, v in (metrics or {}).items()} or None,
@@ -92,9 +93,10 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state),
-                data=grain.checkpoint.CheckpointRestore(data_iterator),
+                data=ocp.args.JsonRestore(),
             ),
         )
+        data_iterator.set_state(restored.data)
         return step, restored.state
 
     def restore_state_only(self, abstract_state: Any, step: int | None = None) -> Any:
