@@ -257,6 +257,10 @@ def test_two_real_jax_processes(shard_files, tmp_path):
     assert [r["eval"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, -1]]
     captions = _record_of_caption(shard_files)
     train = [[captions[c] for c in r["train"]] for r in results]
-    assert sorted(train[0]) == [0, 1, 2] and sorted(train[1]) == [3, 4, 5]  # drop_remainder: 3 each
+    # One shared shuffle dealt out alternately: disjoint, 3 each (drop_remainder), 6 of the 7 records,
+    # and exactly the single-process order interleaved.
+    single = [captions[c] for _, c in pipeline.train_examples(shard_files, seed=0, num_epochs=1, augment=AUG,
+                                                               shard_options=grain.sharding.NoSharding())]
+    assert train[0] == single[0:6:2] and train[1] == single[1:6:2]
     # 4 simulated devices per process: the global batch of 8 has one example per device.
     assert all(r["global"] == [8, 32, 32, 3] and r["local"] == [[1, 32, 32, 3]] * 4 for r in results)

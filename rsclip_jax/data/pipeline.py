@@ -13,10 +13,12 @@ batch k is a pure function of k. grain's iterator state is then just a position:
 worker processes, and `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`
 (handler `grain.checkpoint.CheckpointHandler`) store it in an orbax checkpoint.
 
-Multi-host: process p of n reads the p-th contiguous share of the record keys (grain's
-`ShardOptions` semantics; training drops the remainder so every process yields the same number
-of batches per epoch), then `to_global_batch` assembles the per-process batches into global
-`jax.Array`s sharded over the mesh's batch axes.
+Multi-host: the training order is global. All processes share one seeded shuffle of all record
+keys, and global batch k is positions [kB, (k+1)B) of that stream whatever the topology; process
+p of n reads only its block [kB + p*b, kB + (p+1)*b) of each global batch (b = B / n). So the
+global batches, and hence the loss curve, are the same on 1 process x 8 devices as on
+2 processes x 4, and a run can resume on a different number of processes. `to_global_batch`
+assembles the per-process batches into global `jax.Array`s sharded over the mesh's batch axes.
 
 Evaluation: no shuffle, shortest-side resize + center crop (`preprocess_image`, OpenCLIP's eval
 transform), first caption, and every process pads to the same number of batches;
@@ -86,11 +88,17 @@ class _ReadRecord:
 
 
 class _TrainExample(_ReadRecord):
-    def __init__(self, paths: Sequence[str], augment: AugmentConfig, seed: int, epoch_length: int) -> None:
+    """The example at a process-local position: its block of the global stream, decoded."""
+
+    def __init__(self, paths: Sequence[str], augment: AugmentConfig, seed: int, epoch_length: int,
+                 keys: grain.MapDataset, shard_count: int, shard_index: int, block: int) -> None:
         super().__init__(paths)
         self.augment, self.seed, self.epoch_length = augment, seed, epoch_length
+        self.keys, self.count, self.index, self.block = keys, shard_count, shard_index, block
 
-    def __call__(self, position: int, key: int) -> tuple[np.ndarray, str]:
+    def __call__(self, local: int) -> tuple[np.ndarray, str]:
+        position = (local // self.block) * self.count * self.block + self.index * self.block + local % self.block
+        key = self.keys[position]
         epoch = position // self.epoch_length
         rng = np.random.default_rng([self.seed, epoch, int(key)])  # per record: exact on restore
         header, image = self.header_and_image(key)
@@ -152,18 +160,26 @@ def train_examples(
     shuffle: bool = True,
     augment: AugmentConfig = DEFAULT_AUGMENT,
     shard_options: grain.sharding.ShardOptions | None = None,
+    block: int = 1,
 ) -> grain.MapDataset:
-    """This process's stream of (augmented uint8 image, chosen caption) examples, unbatched."""
+    """This process's stream of (augmented uint8 image, chosen caption) examples, unbatched.
+
+    The global stream (one seeded shuffle of all records per epoch) is dealt out in blocks of
+    `block` positions: process p gets blocks p, p + n, p + 2n, ... With drop_remainder only whole
+    rounds of n blocks are dealt, so every process gets the same number of examples.
+    """
     options = default_shard_options(drop_remainder=True) if shard_options is None else shard_options
-    source = grain.sources.ArrayRecordDataSource(list(paths))
-    start, end = shard_range(len(source), options)
-    if end <= start:
-        raise ValueError(f"{len(source)} records cannot be shared by {options.shard_count} processes")
-    keys = grain.MapDataset.range(start, end)
+    num = len(grain.sources.ArrayRecordDataSource(list(paths)))
+    n, p = options.shard_count, options.shard_index
+    if num < n * block and options.drop_remainder and num_epochs is not None:
+        raise ValueError(f"{num} records cannot fill a batch of {block} on each of {n} processes")
+    keys = grain.MapDataset.range(num)
     if shuffle:
         keys = keys.shuffle(seed=seed)  # grain reshuffles each epoch (seed + epoch)
     keys = keys.repeat(num_epochs)
-    return keys.map_with_index(_TrainExample(paths, augment, seed, end - start))
+    rounds, rest = divmod(len(keys), n * block)
+    local = rounds * block + (0 if options.drop_remainder else min(max(rest - p * block, 0), block))
+    return grain.MapDataset.range(local).map(_TrainExample(paths, augment, seed, num, keys, n, p, block))
 
 
 def train_dataset(
@@ -188,7 +204,7 @@ def train_dataset(
         shard_options: this process's share; default `ShardByJaxProcess(drop_remainder=True)`.
     """
     examples = train_examples(paths, seed=seed, num_epochs=num_epochs, shuffle=shuffle, augment=augment,
-                              shard_options=shard_options)
+                              shard_options=shard_options, block=batch_size)
     batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_Collate(context_length))
     return _to_iter_dataset(batches, loader)
 
