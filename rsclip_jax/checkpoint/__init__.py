@@ -16,17 +16,28 @@ from rsclip_jax.checkpoint.openclip import (
     model_from_state_dict,
 )
 from rsclip_jax.checkpoint.torch_format import UnsafeCheckpointError, load_state_dict, save_state_dict
-from rsclip_jax.models import CLIP, CLIPConfig
+from rsclip_jax.models import CLIP, CLIPConfig, get_model_config
 
 
 def load_checkpoint(path: str | os.PathLike, model: str | CLIPConfig | None = None, **create_kwargs: Any) -> CLIP:
-    """Loads an OpenCLIP-format checkpoint file into a CLIP model.
+    """Loads a checkpoint into a CLIP model.
 
     Args:
-        path: `.pt`/`.pth`/`.bin` (torch zip pickle, read safely) or `.safetensors`.
+        path: `.pt`/`.pth`/`.bin` (torch zip pickle, read safely), `.safetensors`, or an rsclip
+            training workdir (its latest checkpoint, architecture from the saved config).
         model: registry name or config; None infers the architecture from the shapes (QuickGELU).
+            For a workdir it is checked against the saved architecture.
         create_kwargs: `dtype`, `scan_layers`, `remat_policy` for the created model.
     """
+    if os.path.isdir(path):
+        from rsclip_jax.train.export import model_from_workdir  # lazy: training imports this module
+
+        loaded = model_from_workdir(path)
+        if model is not None:
+            want = get_model_config(model) if isinstance(model, str) else model
+            if want != loaded.config:
+                raise CheckpointMismatchError(f"{path}: trained as {loaded.config}, not {model}")
+        return loaded
     try:
         return model_from_state_dict(load_state_dict(path), model, **create_kwargs)
     except CheckpointMismatchError as e:

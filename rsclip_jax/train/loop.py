@@ -93,8 +93,10 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     config_dict = config.to_dict()
     preemption = _Preemption()
     flops, peak = None, peak_flops_per_device()
+    # Redraw often on a terminal; in logs (not a TTY) every redraw is a line, so only every 30 s.
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
-               disable=jax.process_index() != 0, dynamic_ncols=True)
+               disable=jax.process_index() != 0, dynamic_ncols=True,
+               mininterval=0.2 if sys.stderr.isatty() else 30.0)
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     skipped = 0
@@ -120,7 +122,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                                              "check the data; the last checkpoint holds finite parameters.")
                 _log(msg + " (nan_policy='skip')")
             bar.update(1)
-            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
+            bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             if step % config.log_every_steps == 0 or step == config.total_steps:
                 elapsed = time.perf_counter() - window_start
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
