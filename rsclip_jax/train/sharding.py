@@ -68,8 +68,19 @@ def make_mesh(
     devices = list(devices if devices is not None else jax.devices())
     if dcn_shape is not None and math.prod(dcn_shape) > 1:
         num_slices = math.prod(dcn_shape)
+        # TPU devices know their slice; elsewhere (GPU nodes, CPU processes) a process is the unit
+        # behind the slow network, so run one process per node.
+        by_process = not hasattr(devices[0], "slice_index")
+        granules = len({d.process_index for d in devices}) if by_process else len({d.slice_index for d in devices})
+        if granules != num_slices:
+            raise ValueError(
+                f"mesh dcn_shape {tuple(dcn_shape)} needs {num_slices} slices/nodes, but the devices span {granules} "
+                f"{'processes' if by_process else 'slices'} (run one process per node on GPU)"
+            )
         ici = resolve_shape(shape, len(devices) // num_slices)
-        grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn_shape), devices, allow_split_physical_axes=True)
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, tuple(dcn_shape), devices, process_is_granule=by_process, allow_split_physical_axes=True
+        )
     else:
         ici = resolve_shape(shape, len(devices))
         try:
