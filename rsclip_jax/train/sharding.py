@@ -68,14 +68,15 @@ def make_mesh(
     devices = list(devices if devices is not None else jax.devices())
     if dcn_shape is not None and math.prod(dcn_shape) > 1:
         num_slices = math.prod(dcn_shape)
-        # TPU devices know their slice; elsewhere (GPU nodes, CPU processes) a process is the unit
-        # behind the slow network, so run one process per node.
-        by_process = not hasattr(devices[0], "slice_index")
-        granules = len({d.process_index for d in devices}) if by_process else len({d.slice_index for d in devices})
-        if granules != num_slices:
+        # Multi-slice TPU devices know their slice; elsewhere (GPU nodes, CPU processes) all report
+        # slice 0 and a process is the unit behind the slow network, so run one process per node.
+        slices = len({getattr(d, "slice_index", 0) for d in devices})
+        processes = len({d.process_index for d in devices})
+        by_process = slices == 1
+        if (processes if by_process else slices) != num_slices:
             raise ValueError(
-                f"mesh dcn_shape {tuple(dcn_shape)} needs {num_slices} slices/nodes, but the devices span {granules} "
-                f"{'processes' if by_process else 'slices'} (run one process per node on GPU)"
+                f"mesh dcn_shape {tuple(dcn_shape)} needs {num_slices} slices/nodes, but the devices span "
+                f"{slices} slice(s) and {processes} process(es) (on GPU, run one process per node)"
             )
         ici = resolve_shape(shape, len(devices) // num_slices)
         grid = mesh_utils.create_hybrid_device_mesh(

@@ -1,0 +1,308 @@
+"""tfds builders (rsclip_jax.data.tfds_builders): array_record files, read back without TensorFlow.
+
+Fixtures are built in tmp from the real sample corpus (data/samples/scenes, data/samples/retrieval)
+with deliberate quirks: uneven class sizes for the 8:2 rounding, names whose code-point order differs
+from their natural order, junk files, and non-RGB / non-JPEG-PNG images that must be normalised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import grain
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from rsclip_jax.data import tfds_builders as tb
+
+REPO = Path(__file__).resolve().parent.parent
+SCENES = REPO / "data" / "samples" / "scenes"
+RETRIEVAL = REPO / "data" / "samples" / "retrieval"
+
+# class -> number of real images copied in; chosen so floor(0.8 n) exercises the rounding.
+CLASS_SIZES = {"farmland": 20, "forest": 7, "meadow": 13, "residential": 1}
+# Expected (n_train, n_test) per class, written out rather than recomputed.
+EXPECTED_SPLIT = {"farmland": (16, 4), "forest": (5, 2), "meadow": (10, 3), "residential": (0, 1)}
+# Names in "forest": code-point order puts img_10 before img_2 and "B" before "a".
+FOREST_NAMES = ["img_2.png", "img_10.png", "img_1.jpg", "B.tif", "a_gray.png", "c_rgba.png", "d_palette.png"]
+FOREST_SORTED = ["B.tif", "a_gray.png", "c_rgba.png", "d_palette.png", "img_1.jpg", "img_10.png", "img_2.png"]
+
+# Run a snippet with TensorFlow made un-importable even where it is installed: replace the path
+# finder by one that never finds `tensorflow`. (`sys.modules["tensorflow"] = None` does not work:
+# etils decides "TF is loaded" from `"tensorflow" in sys.modules` and tfds then crashes on import.)
+NO_TF_PRELUDE = textwrap.dedent("""
+    import importlib.machinery, importlib.util, sys
+    class _NoTF(importlib.machinery.PathFinder):
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            return None if name.partition(".")[0] == "tensorflow" else super().find_spec(name, path, target)
+    sys.meta_path[:] = [_NoTF if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+    assert importlib.util.find_spec("tensorflow") is None
+""")
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _mode(path: Path) -> str:
+    with Image.open(path) as im:
+        return im.mode
+
+
+@pytest.fixture(scope="session")
+def scene_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/<class>/<image>, real tiles, with the quirks listed in the module docstring."""
+    root = tmp_path_factory.mktemp("scenes_manual")
+    for cls, n in CLASS_SIZES.items():
+        (root / cls).mkdir()
+        srcs = sorted((SCENES / cls).iterdir())[:n]
+        if cls != "forest":
+            for src in srcs:
+                shutil.copy(src, root / cls / src.name)
+            continue
+        for src, name in zip(srcs, FOREST_NAMES):
+            with Image.open(src) as im:
+                rgb = im.convert("RGB")
+            if name.startswith("a_gray"):
+                rgb.convert("L").save(root / cls / name)
+            elif name.startswith("c_rgba"):
+                rgb.convert("RGBA").save(root / cls / name)
+            elif name.startswith("d_palette"):
+                rgb.convert("P").save(root / cls / name)
+            elif name.endswith(".jpg"):
+                rgb.save(root / cls / name, quality=90)
+            else:  # .tif and the RGB .png files
+                rgb.save(root / cls / name)
+    # Junk that must be ignored: hidden files, AppleDouble "._" files, non-image files, a hidden folder.
+    (root / "forest" / ".DS_Store").write_bytes(b"\0\0")
+    (root / "forest" / "._img_2.png").write_bytes(b"\0\5\26\7")
+    (root / "meadow" / "notes.txt").write_text("not an image")
+    (root / ".cache").mkdir()
+    return root
+
+
+@pytest.fixture(scope="session")
+def retrieval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Karpathy layout with real images and captions; splits reassigned (the sample is all test)."""
+    root = tmp_path_factory.mktemp("retrieval_manual")
+    shutil.copytree(RETRIEVAL / "images", root / "images")
+    data = json.loads((RETRIEVAL / "dataset_samples.json").read_text())
+    for i, item in enumerate(data["images"]):
+        item["split"] = ("train", "train", "val", "test")[i % 4]
+    (root / "dataset_fixture.json").write_text(json.dumps(data))
+    return root
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory, scene_dir: Path, retrieval_dir: Path) -> Path:
+    """Both datasets prepared once (array_record) for the read-back tests."""
+    out = tmp_path_factory.mktemp("tfds_data")
+    tb.scene_source("custom", out, scene_dir)
+    tb.retrieval_source("custom", out, retrieval_dir)
+    return out
+
+
+# ----------------------------------------------------------------------------- split rule
+
+
+@pytest.mark.parametrize(("n", "fraction", "expected"), [
+    (20, 0.8, (16, 4)), (7, 0.8, (5, 2)), (13, 0.8, (10, 3)), (1, 0.8, (0, 1)), (0, 0.8, (0, 0)),
+    (35, 0.8, (28, 7)),  # 0.8 * 35 = 28.000000000000004 in floats
+    (100, 0.29, (29, 71)),  # 0.29 * 100 = 28.999999999999996 in floats: a naive floor gives 28
+    (10, 0.7, (7, 3)), (3, 1.0, (3, 0)), (3, 0.0, (0, 3)),
+])
+def test_split_counts_floor_on_decimal_fraction(n: int, fraction: float, expected: tuple[int, int]) -> None:
+    assert tb.split_counts(n, fraction) == expected
+
+
+def test_split_counts_rejects_fraction_outside_unit_interval() -> None:
+    with pytest.raises(ValueError, match="train_fraction"):
+        tb.split_counts(10, 1.2)
+
+
+def test_listing_sorts_by_code_point_and_skips_junk(scene_dir: Path) -> None:
+    listing = tb.list_scene_classes(scene_dir)
+    assert list(listing) == ["farmland", "forest", "meadow", "residential"]
+    assert listing["forest"] == FOREST_SORTED
+    assert {k: len(v) for k, v in listing.items()} == CLASS_SIZES
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def test_scene_split_is_exact_per_class(data_dir: Path, scene_dir: Path) -> None:
+    sources = tb.scene_source("custom", data_dir, split=None)  # prepared: no manual_dir needed
+    assert set(sources) == {"train", "test"}
+    names = tb.class_names(sources["train"])
+    assert names == ["farmland", "forest", "meadow", "residential"]
+    got: dict[str, list[str]] = {}
+    for split, src in sources.items():
+        got[split] = [src[i]["filename"].decode() for i in range(len(src))]
+        for i in range(len(src)):
+            rec = src[i]
+            assert names[rec["label"]] == rec["filename"].decode().split("/")[0]
+    # Independent expectation: per class, sorted names, first n_train to train; records in
+    # (class, name) order because the builder writes without hash shuffling.
+    want = {"train": [], "test": []}
+    for cls in names:
+        files = sorted(p.name for p in (scene_dir / cls).iterdir() if not p.name.startswith(".")
+                       and p.suffix != ".txt")
+        n_train, n_test = EXPECTED_SPLIT[cls]
+        assert len(files) == n_train + n_test
+        want["train"] += [f"{cls}/{f}" for f in files[:n_train]]
+        want["test"] += [f"{cls}/{f}" for f in files[n_train:]]
+    assert got == want
+    assert got["train"][16:21] == [f"forest/{f}" for f in FOREST_SORTED[:5]]
+    assert sources["train"].dataset_info.splits["train"].num_examples == 31
+    assert sources["test"].dataset_info.splits["test"].num_examples == 10
+
+
+def test_scene_images_decode_to_rgb_uint8_with_original_pixels(data_dir: Path, scene_dir: Path) -> None:
+    sources = tb.scene_source("custom", data_dir, split=None)
+    raw = tb.scene_source("custom", data_dir, split=None, decoders={"image": tfds.decode.SkipDecoding()})
+    for split in ("train", "test"):
+        for i in range(len(sources[split])):
+            rec, enc = sources[split][i], raw[split][i]
+            path = scene_dir / rec["filename"].decode()
+            assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3 and rec["image"].shape[2] == 3
+            # Grayscale, RGBA, palette and TIFF become RGB PNGs with the same RGB pixels; RGB
+            # JPEG/PNG files are stored byte for byte.
+            np.testing.assert_array_equal(rec["image"], _pixels(path))
+            passthrough = path.suffix in (".png", ".jpg") and _mode(path) == "RGB"
+            assert (enc["image"] == path.read_bytes()) == passthrough, path
+
+
+def test_scene_source_feeds_grain(data_dir: Path) -> None:
+    src = tfds.data_source("remoteclip_scenes/custom", split="test", data_dir=data_dir)
+    ds = grain.MapDataset.source(src).shuffle(seed=3).map(lambda r: (r["filename"].decode(), int(r["label"])))
+    items = list(ds)
+    assert len(items) == len(src) == 10
+    assert sorted(items) == sorted((src[i]["filename"].decode(), int(src[i]["label"])) for i in range(len(src)))
+    assert [name for name, _ in items] != [src[i]["filename"].decode() for i in range(len(src))]  # shuffled
+    loader = grain.DataLoader(
+        data_source=src,
+        sampler=grain.samplers.IndexSampler(len(src), shard_options=grain.sharding.NoSharding(),
+                                            shuffle=False, num_epochs=1),
+        operations=[grain.transforms.Batch(batch_size=5)], worker_count=0)
+    labels = np.concatenate([b["label"] for b in loader])
+    np.testing.assert_array_equal(labels, [0, 0, 0, 0, 1, 1, 2, 2, 2, 3])
+
+
+def test_train_fraction_gets_its_own_config(tmp_path: Path, scene_dir: Path) -> None:
+    src = tb.scene_source("custom", tmp_path, scene_dir, split=None, train_fraction=0.5)
+    assert src["train"].dataset_info.config_name == "custom_train50"
+    # floor(0.5 n) per class: 10 + 3 + 6 + 0
+    assert (len(src["train"]), len(src["test"])) == (19, 22)
+    assert (tmp_path / "remoteclip_scenes" / "custom_train50").is_dir()
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_splits_captions_and_ids_follow_the_json(data_dir: Path, retrieval_dir: Path) -> None:
+    sources = tb.retrieval_source("custom", data_dir, split=None)
+    assert set(sources) == {"train", "val", "test"}
+    images = json.loads((retrieval_dir / "dataset_fixture.json").read_text())["images"]
+    for split, src in sources.items():
+        want = [im for im in images if im["split"] == split]
+        assert len(src) == len(want) > 0
+        for i, im in enumerate(want):  # JSON order is kept
+            rec = src[i]
+            assert int(rec["imgid"]) == im["imgid"]
+            assert rec["filename"].decode() == im["filename"]
+            assert [c.decode() for c in rec["captions"]] == [s["raw"] for s in im["sentences"]]
+            assert len(rec["captions"]) == 5
+            np.testing.assert_array_equal(rec["image"], _pixels(retrieval_dir / "images" / im["filename"]))
+    assert (len(sources["train"]), len(sources["val"]), len(sources["test"])) == (18, 9, 9)
+
+
+def test_retrieval_errors_name_the_problem(tmp_path: Path, retrieval_dir: Path) -> None:
+    manual = tmp_path / "manual"
+    shutil.copytree(retrieval_dir, manual)
+    data = json.loads((manual / "dataset_fixture.json").read_text())
+    data["images"][3]["filename"] = "missing.jpg"
+    (manual / "dataset_fixture.json").write_text(json.dumps(data))
+    with pytest.raises(tb.ManualDirError, match=r"images/missing\.jpg"):
+        tb.retrieval_source("custom", tmp_path / "d1", manual)
+    data["images"][3] = dict(data["images"][2])
+    (manual / "dataset_fixture.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="imgid 2 appears twice"):
+        tb.retrieval_source("custom", tmp_path / "d2", manual)
+    with pytest.raises(tb.ManualDirError, match="dataset_rsicd.json"):
+        tb.retrieval_source("rsicd", tmp_path / "d3", manual)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_manual_dir_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_download"
+    with pytest.raises(tb.ManualDirError, match=str(missing)):
+        tb.scene_source("aid", tmp_path / "data", missing)
+    with pytest.raises(tb.ManualDirError, match="not prepared.*no manual_dir"):
+        tb.scene_source("aid", tmp_path / "data")
+    with pytest.raises(tb.ManualDirError, match=str(missing)):
+        tb.list_scene_classes(missing)
+
+
+def test_empty_class_folder_is_named(tmp_path: Path, scene_dir: Path) -> None:
+    manual = tmp_path / "manual"
+    shutil.copytree(scene_dir, manual)
+    (manual / "wetland").mkdir()
+    (manual / "wetland" / "readme.txt").write_text("images were not downloaded")
+    with pytest.raises(tb.ManualDirError, match=f"class folder {manual / 'wetland'} has no images"):
+        tb.scene_source("custom", tmp_path / "data", manual)
+    assert not list((tmp_path / "data" / "remoteclip_scenes" / "custom").iterdir())  # nothing half-written
+
+
+def test_class_count_mismatch_and_corrupt_image(tmp_path: Path, scene_dir: Path) -> None:
+    with pytest.raises(tb.ManualDirError, match="whurs19: expected 19 class folders.*found 4"):
+        tb.scene_source("whurs19", tmp_path / "data", scene_dir)
+    manual = tmp_path / "manual"
+    shutil.copytree(scene_dir, manual)
+    bad = manual / "meadow" / "zz_truncated.png"
+    bad.write_bytes((manual / "farmland" / min(os.listdir(manual / "farmland"))).read_bytes()[:60])
+    with pytest.raises(ValueError, match="zz_truncated.png"):
+        tb.scene_source("custom", tmp_path / "data", manual)
+
+
+# ----------------------------------------------------------------------------- no TensorFlow
+
+
+def test_build_and_read_without_tensorflow(tmp_path: Path, scene_dir: Path, retrieval_dir: Path) -> None:
+    """Build in one TF-less process, then read by name in another that never imports rsclip_jax."""
+    build = NO_TF_PRELUDE + textwrap.dedent(f"""
+        from rsclip_jax.data import tfds_builders as tb
+        s = tb.scene_source("custom", {str(tmp_path)!r}, {str(scene_dir)!r}, split="train")
+        r = tb.retrieval_source("custom", {str(tmp_path)!r}, {str(retrieval_dir)!r}, split="val")
+        assert (len(s), len(r)) == (31, 9), (len(s), len(r))
+        assert s[0]["image"].shape[2] == 3 and len(r[0]["captions"]) == 5
+        assert "tensorflow" not in sys.modules
+        print("BUILD_OK")
+    """)
+    read = NO_TF_PRELUDE + textwrap.dedent(f"""
+        import grain, tensorflow_datasets as tfds
+        src = tfds.data_source("remoteclip_scenes/custom", split="test", data_dir={str(tmp_path)!r})
+        names = src.dataset_info.features["label"].names
+        labels = sorted(int(r["label"]) for r in grain.MapDataset.source(src))
+        ret = tfds.data_source("remoteclip_retrieval/custom", split="train", data_dir={str(tmp_path)!r})
+        assert names == ["farmland", "forest", "meadow", "residential"], names
+        assert labels == [0, 0, 0, 0, 1, 1, 2, 2, 2, 3], labels
+        assert len(ret) == 18 and ret[0]["image"].dtype.name == "uint8"
+        assert "tensorflow" not in sys.modules and "rsclip_jax" not in sys.modules
+        print("READ_OK")
+    """)
+    for script, marker in ((build, "BUILD_OK"), (read, "READ_OK")):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
