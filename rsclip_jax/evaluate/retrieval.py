@@ -78,8 +78,12 @@ def _ranks(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return (scores > s).sum(1) + ((scores == s) & (cols < positive[:, None])).sum(1)
 
 
-def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: Sequence[int]) -> dict[str, float]:
-    """R@1/5/10 in both directions and their mean, in percent (see the module docstring)."""
+def retrieval_ranks(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
+                    text_to_image: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks: (per image, its best-ranked caption among all captions; per caption, its image).
+
+    R@K in each direction is the fraction of ranks below K (see the module docstring).
+    """
     text_to_image = np.asarray(text_to_image)
     scores = np.asarray(text_embeddings, np.float64) @ np.asarray(image_embeddings, np.float64).T  # (T, I)
     t2i_rank = _ranks(scores, text_to_image)
@@ -90,6 +94,12 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
         if positives.size == 0:
             raise ValueError(f"image {i} has no caption; every image needs at least one")
         i2t_rank[i] = _ranks(np.broadcast_to(row, (positives.size, row.size)), positives).min()
+    return i2t_rank, t2i_rank
+
+
+def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray, text_to_image: Sequence[int]) -> dict[str, float]:
+    """R@1/5/10 in both directions and their mean, in percent (see the module docstring)."""
+    i2t_rank, t2i_rank = retrieval_ranks(image_embeddings, text_embeddings, text_to_image)
     out = {}
     for k in KS:
         out[f"image_to_text_R@{k}"] = 100.0 * float(np.mean(i2t_rank < k))
@@ -97,3 +107,9 @@ def retrieval_metrics(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
         out[f"text_to_image_R@{k}"] = 100.0 * float(np.mean(t2i_rank < k))
     out["mean_recall"] = float(np.mean([out[key] for key in METRIC_KEYS[:-1]]))
     return out
+
+
+def recall_curve(ranks: np.ndarray, max_k: int) -> list[float]:
+    """R@K in percent for K = 1..max_k, from 0-based ranks (for the recall@K plots)."""
+    ranks = np.asarray(ranks)
+    return [100.0 * float(np.mean(ranks < k)) for k in range(1, max_k + 1)]

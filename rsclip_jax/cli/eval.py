@@ -1,0 +1,178 @@
+"""`rsclip eval`: zero-shot, linear probe, k-NN, few-shot, retrieval and counting, with reports.
+
+    rsclip eval --checkpoint CKPT --task retrieval --karpathy-json FILE --images DIR --out report.json
+    rsclip eval --checkpoint CKPT --task zeroshot --task knn --scenes DIR --out report.json
+    rsclip eval --checkpoint CKPT --suite remoteclip --data-dir data/samples --out runs/eval/report.json
+    rsclip eval --suite remoteclip-paper --weights-dir WEIGHTS --data-dir DATA --out paper/report.json
+
+Writes the JSON report (--out), the Markdown tables (printed, and saved beside it as .md) and the
+PNG plots (<out stem>_plots/). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+SUITES = ("remoteclip", "remoteclip-paper")
+TASK_CHOICES = ("zeroshot", "linear_probe", "knn", "fewshot", "retrieval", "counting")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN, few-shot, retrieval, counting",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="OpenCLIP/RemoteCLIP weights (.pt/.safetensors) or an rsclip training workdir")
+    g.add_argument("--model", default=None, help="architecture name (default: inferred from the weights / workdir)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over every device")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--task", action="append", choices=TASK_CHOICES, help="repeatable; with --suite, restricts it")
+    g.add_argument("--suite", choices=SUITES, help="every task on a --data-dir layout (paper: also --weights-dir)")
+    g.add_argument("--data-dir", help="suite data: retrieval/, scenes/, counting/ (docs/evaluation.md)")
+    g.add_argument("--weights-dir", help="remoteclip-paper: folder of released checkpoints")
+    g = p.add_argument_group("task data")
+    g.add_argument("--scenes", help="folder-per-class scene dataset (zeroshot, linear_probe, knn, fewshot)")
+    g.add_argument("--dataset-name", default=None, help="name of --scenes (selects bundled class names, e.g. AID)")
+    g.add_argument("--karpathy-json", help="retrieval: Karpathy-format dataset_*.json")
+    g.add_argument("--images", help="retrieval: image folder (default: images/ beside the JSON)")
+    g.add_argument("--split", default="test", help="retrieval: Karpathy split")
+    g.add_argument("--counting-json", help="counting: JSON (docs/evaluation.md)")
+    g.add_argument("--counting-images", help="counting: image folder (default: images/ beside the JSON)")
+    g = p.add_argument_group("task options (defaults: docs/evaluation.md)")
+    g.add_argument("--templates", default=None, help="zeroshot: template file, one per line with {}")
+    g.add_argument("--classnames", default=None, help="zeroshot: JSON {folder: class name} overrides")
+    g.add_argument("--zeroshot-split", default=None, choices=["test", "all"], help="zeroshot: images scored (test)")
+    g.add_argument("--k", type=int, default=None, help="knn: neighbours (20)")
+    g.add_argument("--temperature", type=float, default=None, help="knn: vote temperature (0.07)")
+    g.add_argument("--shots", default=None, help="fewshot: comma-separated n (1,2,4,8,16,32)")
+    g.add_argument("--seeds", default=None, help="fewshot: comma-separated seeds (0,1,2)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/eval/report.json", help="JSON report; .md and _plots/ are written beside it")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--cache-dir", default=None, help="embedding cache (default ~/.cache/rsclip_jax/embeddings)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
+    g.add_argument("--skip-missing", action="store_true",
+                   help="skip and count missing/unreadable images and empty class folders instead of stopping")
+    g = p.add_argument_group("multi-process (as rsclip train)")
+    g.add_argument("--coordinator-address", default=None)
+    g.add_argument("--num-processes", type=int, default=None)
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--distributed", action="store_true")
+    p.set_defaults(func=run_eval)
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"{flag} takes comma-separated non-negative integers, got {text!r}")
+    return values
+
+
+def task_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per-task options the user set (unset ones keep the tasks' documented defaults)."""
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}
+    return {
+        "zeroshot": given(templates=args.templates, classnames=args.classnames, split=args.zeroshot_split),
+        "knn": given(k=args.k, temperature=args.temperature),
+        "fewshot": given(shots=_ints(args.shots, "--shots"), seeds=_ints(args.seeds, "--seeds")),
+    }
+
+
+def task_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Specs for `--task` runs without a suite; checks that each task has its data."""
+    from rsclip_jax.evaluate.suite import SCENE_TASKS
+
+    options, specs = task_options(args), []
+    for task in dict.fromkeys(args.task):
+        if task in SCENE_TASKS:
+            if not args.scenes:
+                raise ValueError(f"--task {task} needs --scenes DIR (a folder per class)")
+            spec = {"task": task, "root": args.scenes, "name": args.dataset_name or ""}
+        elif task == "retrieval":
+            if not args.karpathy_json:
+                raise ValueError("--task retrieval needs --karpathy-json FILE (and --images DIR)")
+            spec = {"task": task, "karpathy_json": args.karpathy_json, "images": args.images, "split": args.split}
+        else:
+            if not args.counting_json:
+                raise ValueError("--task counting needs --counting-json FILE")
+            spec = {"task": task, "json": args.counting_json, "images": args.counting_images}
+        specs.append({**spec, **options.get(task, {}), "skip_missing": args.skip_missing})
+    return specs
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import jax
+
+    from rsclip_jax.cli.train import init_distributed
+    from rsclip_jax.evaluate.embeddings import default_cache_dir
+
+    if not args.suite and not args.task:
+        raise ValueError("give --task TASK (repeatable) or --suite remoteclip|remoteclip-paper")
+    if args.suite and not args.data_dir:
+        raise ValueError(f"--suite {args.suite} needs --data-dir DIR")
+    if args.suite == "remoteclip-paper" and not args.weights_dir:
+        raise ValueError("--suite remoteclip-paper needs --weights-dir DIR (the released checkpoints)")
+    if args.suite != "remoteclip-paper" and not args.checkpoint:
+        raise ValueError("--checkpoint is required (a weights file or an rsclip training workdir)")
+    init_distributed(args)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    config: dict[str, Any] = {"command": {k: v for k, v in vars(args).items() if k != "func"},
+                              "cache_dir": cache_dir, "devices": jax.device_count(), "processes": jax.process_count(),
+                              "jax": jax.__version__}
+    tasks = tuple(args.task) if args.task else None
+    if args.suite == "remoteclip-paper":
+        from rsclip_jax.evaluate.paper import run_paper_suite
+        from rsclip_jax.evaluate.report import paper_numbers
+        from rsclip_jax.evaluate.suite import ALL_TASKS
+
+        results, info = run_paper_suite(args.weights_dir, args.data_dir, tasks or ALL_TASKS, args.batch_size, cache_dir,
+                                        args.skip_missing, args.dtype, task_options(args))
+        config.update(info)
+        return _write(args, results, config, paper_numbers(), "RemoteCLIP paper tables")
+    from rsclip_jax.evaluate.models import load_model
+    from rsclip_jax.evaluate.suite import ALL_TASKS, Evaluator, discover
+
+    if args.suite:
+        specs = discover(args.data_dir, tasks or ALL_TASKS, task_options(args), args.skip_missing)
+    else:
+        specs = task_specs(args)
+    from rsclip_jax.evaluate.registry import make_task
+
+    specs = [make_task(s) for s in specs]  # option errors before the model loads
+    model, info = load_model(args.checkpoint, args.model, args.dtype)
+    label = os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]
+    print(f"[eval] {label}: {info['model']} ({info['format']})", file=sys.stderr)
+    evaluator = Evaluator(specs, args.batch_size, cache_dir=cache_dir, verbose=True)
+    results = evaluator.results(model, label)
+    config["model"] = {**info, "label": label, "fingerprint": evaluator.extractor.fingerprint}
+    return _write(args, results, config, None, f"Evaluation of {label}")
+
+
+def _write(args: argparse.Namespace, results: list, config: dict[str, Any], paper: dict | None, title: str) -> int:
+    import jax
+
+    from rsclip_jax.evaluate.report import build_report, markdown, write_json
+
+    text = markdown(results, paper, title)
+    if jax.process_index() != 0:
+        return 0
+    write_json(build_report(results, config), args.out)
+    stem = os.path.splitext(args.out)[0]
+    with open(stem + ".md", "w", encoding="utf-8") as f:
+        f.write(text)
+    print(text)
+    written = [args.out, stem + ".md"]
+    if not args.no_plots:
+        from rsclip_jax.evaluate.plots import plot_all
+
+        written += plot_all(results, stem + "_plots")
+    print("wrote " + ", ".join(written), file=sys.stderr)
+    return 0
