@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     from rsclip_jax.cli import checkpoints, data, demo, embed, train
+    from rsclip_jax.cli import eval as eval_cli
 
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (embed, checkpoints, data, train, demo):
+    for module in (embed, checkpoints, data, train, eval_cli, demo):
         module.register(sub)
     return parser
 

@@ -3,7 +3,9 @@
 1. `rsclip data build` on `data/samples/train/captions.csv` (real tiles, B2C/M2B captions);
 2. `rsclip train --config configs/demo.py`: a tiny CLIP from scratch, with retrieval evals;
 3. export the trained model as an OpenCLIP state_dict (`model.safetensors`);
-4. print a short report: the loss curve and held-out retrieval against random ranking.
+4. print a short report: the loss curve and held-out retrieval against random ranking;
+5. `rsclip eval --suite remoteclip` on the corpus: retrieval, zero-shot, k-NN, linear probe,
+   few-shot and counting, with the report tables printed and plots written to `eval/`.
 
 Everything goes under `--workdir`; rerunning resumes or reuses what is already there.
 """
@@ -75,9 +77,16 @@ def run_demo(args: argparse.Namespace) -> int:
     keys = [f"retrieval/{d}_R@{n}" for d in ("image_to_text", "text_to_image") for n in (1, 5, 10)]
     print("| " + " | ".join(f"{evals[key]:.1f}" for key in keys)
           + f" | {evals['retrieval/mean_recall']:.1f} | {baseline:.1f} |")
-    print(f"[demo] model (OpenCLIP state_dict): {model_path}; metrics: {train_dir}/metrics.jsonl; "
+    print(f"[demo] model (OpenCLIP state_dict): {model_path}; metrics: {train_dir}/metrics.jsonl\n")
+
+    from rsclip_jax.cli import main as rsclip_main
+
+    report = os.path.join(args.workdir, "eval", "report.json")
+    rc = rsclip_main(["eval", "--checkpoint", train_dir, "--suite", "remoteclip", "--data-dir", args.samples,
+                      "--out", report, "--no-cache"])
+    print(f"[demo] evaluation report: {report} (plots in {os.path.join(args.workdir, 'eval', 'report_plots')}); "
           f"{time.time() - t0:.0f}s in all")
-    return 0
+    return rc
 
 
 def _split_images(karpathy_json: str) -> list[str]:
