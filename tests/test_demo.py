@@ -23,6 +23,13 @@ def test_demo_end_to_end_and_open_clip_interop(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "[demo] data: 195 of 195 images" in out and "held-out retrieval on 36 images" in out
     assert "| mean recall | random ranking |" in out
+    import json
+
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    for task in ("retrieval", "zeroshot", "linear_probe", "knn", "fewshot", "counting"):
+        assert task in report, task
+    assert (tmp_path / "eval" / "report_plots" / "fewshot.png").stat().st_size > 0
+    assert "## Image–text retrieval (%)" in out
 
     # The exported model is an OpenCLIP state_dict: open_clip loads it strictly and agrees with JAX.
     ours = load_checkpoint(tmp_path / "model.safetensors", model="tiny-ViT")
