@@ -124,13 +124,15 @@ def test_retrieval_cli_contract(tiny_checkpoint, model, tmp_path):
     report = eval_cli("--checkpoint", tiny_checkpoint, "--model", "tiny-ViT", "--task", "retrieval",
                       "--karpathy-json", RETRIEVAL, "--images", SAMPLES / "retrieval" / "images", "--split", "test",
                       "--no-cache", "--no-plots", "--out", tmp_path / "report.json")
-    # Independently: the host-local inference Embedder and the retrieval metric.
-    from rsclip_jax.inference import Embedder
+    # Independently: unbatched, unsharded model calls and the retrieval metric.
+    from rsclip_jax.preprocess import load_and_preprocess, normalize_images
+    from rsclip_jax.tokenizer import tokenize
 
     split = load_karpathy_split(RETRIEVAL, SAMPLES / "retrieval" / "images")
-    embedder = Embedder(model, batch_size=16)
-    img, _, _ = embedder.embed_images(split.image_paths, progress=False)
-    want = retrieval_metrics(img, embedder.embed_texts(split.texts, progress=False), split.text_to_image)
+    pixels = np.stack([load_and_preprocess(p, model.config.vision.image_size) for p in split.image_paths])
+    img = np.asarray(model.encode_image(normalize_images(pixels), normalize=True))
+    txt = np.asarray(model.encode_text(tokenize(split.texts), normalize=True))
+    want = retrieval_metrics(img, txt, split.text_to_image)
     for k in METRIC_KEYS:
         assert report["retrieval"][k] == pytest.approx(want[k]), k
 

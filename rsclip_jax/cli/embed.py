@@ -11,7 +11,7 @@ from importlib import resources
 import numpy as np
 
 from rsclip_jax.cli.common import add_model_args, load_model_from_args, read_text_lines
-from rsclip_jax.inference import Embedder, softmax_probs
+from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.preprocess import expand_image_paths
 
 DEFAULT_TEMPLATES = "remote_sensing.txt"
@@ -42,14 +42,17 @@ def run_embed(args: argparse.Namespace) -> int:
         raise ValueError("give --images, --texts or both")
     paths = expand_image_paths(args.images) if args.images else []
     texts = read_text_lines(args.texts) if args.texts else []
-    embedder = Embedder(load_model_from_args(args), batch_size=args.batch_size)
+    extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
     out: dict[str, np.ndarray] = {}
     if args.images:
-        emb, kept, skipped = embedder.embed_images(paths, skip_bad=args.skip_bad)
-        out.update(image_embeddings=emb, image_paths=np.array(kept, dtype=str), skipped_images=np.array(skipped, dtype=str))
-        print(f"embedded {len(kept)} images" + (f", skipped {len(skipped)}" if skipped else ""), file=sys.stderr)
+        images = extractor.images(paths, skip_missing=args.skip_bad)
+        kept = [paths[i] for i in images.kept]
+        out.update(image_embeddings=images.embeddings, image_paths=np.array(kept, dtype=str),
+                   skipped_images=np.array(images.skipped, dtype=str))
+        print(f"embedded {len(kept)} images" + (f", skipped {len(images.skipped)}" if images.skipped else ""),
+              file=sys.stderr)
     if args.texts:
-        out.update(text_embeddings=embedder.embed_texts(texts), texts=np.array(texts, dtype=str))
+        out.update(text_embeddings=extractor.texts(texts), texts=np.array(texts, dtype=str))
         print(f"embedded {len(texts)} texts", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     np.savez(args.out, **out)
@@ -77,10 +80,13 @@ def run_classify(args: argparse.Namespace) -> int:
         raise ValueError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
     templates = load_templates(args.templates)
     paths = expand_image_paths(args.images)
-    embedder = Embedder(load_model_from_args(args), batch_size=args.batch_size)
-    classes = embedder.classifier(labels, templates)
-    emb, kept, _ = embedder.embed_images(paths, skip_bad=args.skip_bad)
-    probs = softmax_probs(embedder.logit_scale * emb @ classes.T)
+    extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
+    classes = extractor.classifier(labels, templates)
+    images = extractor.images(paths, skip_missing=args.skip_bad)
+    kept = [paths[i] for i in images.kept]
+    logits = extractor.logit_scale * images.embeddings @ classes.T
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
     k = min(args.top_k, len(labels))
     results = []
     for path, p in zip(kept, probs):

@@ -10,9 +10,9 @@ Results are cached as `<cache_dir>/<sha256>.npz`, keyed by (model fingerprint, i
 preprocessing): the fingerprint hashes the architecture and every parameter, images are identified
 by path, size and mtime, texts by their exact strings. Training evals pass `cache_dir=None`.
 
-`rsclip_jax.inference.Embedder` is the host-local embedder of the CLI's `embed`/`classify`; this
-one adds explicit meshes (training's, or a 1-device one for tests), multiple hosts, masks and the
-cache.
+This is the one embedding engine of the project: `rsclip embed`/`classify`, the evaluator and the
+evals inside training all use it (with training's mesh there, so sharded weights need no gather
+to a host). Long inputs show a progress bar on process 0.
 """
 
 from __future__ import annotations
@@ -35,8 +35,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rsclip_jax.inference import MAX_LOGIT_SCALE
+from tqdm import tqdm
+
 from rsclip_jax.models import CLIP
+from rsclip_jax.models.clip import MAX_LOGIT_SCALE
 from rsclip_jax.preprocess import ImageReadError, load_and_preprocess, normalize_images
 from rsclip_jax.tokenizer import get_tokenizer
 
@@ -91,15 +93,17 @@ class Extractor:
             axes. Default: every device of every host.
         cache_dir: where embeddings are cached; None disables the disk cache.
         num_threads: image decoding threads per host.
+        progress: show a progress bar (process 0) for inputs longer than one batch.
     """
 
     def __init__(self, model: CLIP, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
-                 cache_dir: str | None = None, num_threads: int | None = None):
+                 cache_dir: str | None = None, num_threads: int | None = None, progress: bool = True):
         self.mesh = mesh if mesh is not None else default_mesh()
         n = self.mesh.devices.size
         self.batch_size = -(-batch_size // n) * n
         self.cache_dir = cache_dir
         self.num_threads = num_threads or min(8, (os.cpu_count() or 1) + 1)
+        self.progress = progress
         self._replicated = NamedSharding(self.mesh, P())
         self._batch = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
         # Which global rows of a batch each local device holds; this host loads only those rows.
@@ -147,7 +151,8 @@ class Extractor:
         bad = [paths[i] for i in np.flatnonzero(~valid)]
         if bad and not skip_missing:
             raise ImageReadError(errors.get(bad[0], f"{bad[0]}: cannot read image") +
-                                 (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + "; or pass --skip-missing")
+                                 (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") +
+                                 "; to skip such images pass --skip-bad (embed, classify) or --skip-missing (eval)")
         for path in bad if jax.process_index() == 0 else ():
             print(f"warning: skipping unreadable image: {errors.get(path, path)}", file=sys.stderr)
         kept = np.flatnonzero(valid)
@@ -242,6 +247,8 @@ class Extractor:
         position = {int(r): j for j, r in enumerate(self._host_rows)}
         select = [(device, [position[int(r)] for r in rows]) for device, rows in self._local]
         outs, masks = [], []
+        bar = tqdm(total=n, unit="item", file=sys.stderr, leave=False,
+                   disable=not (self.progress and n > B and jax.process_index() == 0))
         for i, _ in enumerate(starts):
             start, handle = pending.popleft()
             if i + 2 < len(starts):
@@ -257,6 +264,8 @@ class Extractor:
             out, mask = fn(self._state, x, m)
             outs.append(out)
             masks.append(mask)
+            bar.update(min(B, n - start))
+        bar.close()
         if not outs:
             return np.zeros((0, self.embed_dim), np.float32), np.zeros((0,), bool)
         emb = np.concatenate([np.asarray(o) for o in outs])[:n]

@@ -19,6 +19,8 @@ from rsclip_jax.models.resnet import ModifiedResNet
 from rsclip_jax.models.vit import VisionTransformer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# CLIP clamps the temperature exp(logit_scale) at 100, in training and in scoring.
+MAX_LOGIT_SCALE = 100.0
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

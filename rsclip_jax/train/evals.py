@@ -12,27 +12,30 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.evaluate.retrieval import load_karpathy_split, retrieval_metrics
-from rsclip_jax.inference import Embedder
 from rsclip_jax.train.loop import EvalHook
 from rsclip_jax.train.setup import Run
 
 
 def retrieval_hook(run: Run) -> EvalHook:
-    """An eval hook reporting `retrieval/<metric>` for `config.evals.retrieval_json`'s test split."""
+    """An eval hook reporting `retrieval/<metric>` for `config.evals.retrieval_json`'s test split.
+
+    Embeds on the training mesh, so weights sharded over hosts need no gathering to one host.
+    """
     ev = run.config.evals
     split = load_karpathy_split(ev.retrieval_json, ev.retrieval_images, "test")
-    embedder: Embedder | None = None
+    extractor: Extractor | None = None
 
     def hook(step: int, state: Any) -> dict[str, float]:
-        nonlocal embedder
+        nonlocal extractor
         model = nnx.merge(run.graphdef, state.params, state.rest)
-        if embedder is None:
-            embedder = Embedder(model, batch_size=ev.batch_size)
-        embedder.set_model(model)
-        img, _, _ = embedder.embed_images(split.image_paths, progress=False)
-        txt = embedder.embed_texts(split.texts, progress=False)
-        metrics = retrieval_metrics(img, txt, split.text_to_image)
+        if extractor is None:
+            extractor = Extractor(model, batch_size=ev.batch_size, mesh=run.mesh, progress=False)
+        else:
+            extractor.set_model(model)
+        images = extractor.images(split.image_paths)
+        metrics = retrieval_metrics(images.embeddings, extractor.texts(split.texts), split.text_to_image)
         return {f"retrieval/{k}": v for k, v in metrics.items()}
 
     return hook

@@ -24,10 +24,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from rsclip_jax.models.clip import MAX_LOGIT_SCALE as MAX_TEMPERATURE
 from rsclip_jax.preprocess import normalize_images
 from rsclip_jax.train.losses import clip_loss, siglip_loss
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature at 100
+MAX_LOGIT_SCALE = math.log(MAX_TEMPERATURE)  # the clamp on the learnable log-temperature
 
 
 @flax.struct.dataclass
