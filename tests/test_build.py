@@ -273,3 +273,29 @@ def test_resume_skips_finished_shards_and_matches_a_clean_build(tmp_path, monkey
     clean = build(dataclasses.replace(config, out_dir=str(tmp_path / "clean"), workers=2)).manifest
     assert resumed["shards"] == clean["shards"] and resumed["written"] == 7
     assert _records(tmp_path / "out") == _records(tmp_path / "clean")
+
+
+def test_caption_then_build_with_images_root(tmp_path):
+    """The documented flow: `data caption` writes paths relative to --images; `build --images-root` reads them."""
+    import shutil
+
+    from conftest import SHARED_SAMPLES
+    from rsclip_jax.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(SHARED_SAMPLES / "deepforest" / "OSBS_029.tif", images / "OSBS_029.tif")
+    csv_path = tmp_path / "captions" / "trees.csv"
+    assert main(["data", "caption", "--format", "voc", "--images", str(images), "--annotations",
+                 str(SHARED_SAMPLES / "deepforest" / "OSBS_029.xml"), "--out", str(csv_path)]) == 0
+    assert main(["data", "build", "--csv", str(csv_path), "--images-root", str(images),
+                 "--out", str(tmp_path / "ok"), "--workers", "1"]) == 0
+    ok = shards.load_manifest(tmp_path / "ok")
+    assert ok["written"] == 1 and ok["skipped_count"] == 0
+    assert [r.captions for r in map(shards.decode_record, shards.read_shard(shards.shard_paths(tmp_path / "ok")[0]))][0][0] \
+        == "A crowd of trees are in the middle of the picture ."
+    # Without --images-root the paths resolve next to the CSV, where the image is not: counted, not lost.
+    main(["data", "build", "--csv", str(csv_path), "--out", str(tmp_path / "missing"), "--workers", "1",
+          "--max-skipped-fraction", "1.0"])
+    missing = shards.load_manifest(tmp_path / "missing")
+    assert missing["written"] == 0 and missing["skipped"][0]["reason"].startswith("file not found")

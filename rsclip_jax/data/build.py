@@ -60,6 +60,9 @@ class BuildConfig:
     csvs: tuple[str, ...]
     out_dir: str
     sources: tuple[str, ...] = ()  # one name per CSV; default: each CSV's file stem
+    # Where relative CSV paths point: one folder for all CSVs or one per CSV; default: each CSV's
+    # folder. `rsclip data caption` writes paths relative to its --images, which goes here.
+    images_roots: tuple[str, ...] = ()
     dedup: bool = False
     dedup_scope: str = "across"  # "across": only across sources (the issue's rule); "all": also within one
     phash_threshold: int = 4
@@ -127,9 +130,13 @@ def scan_image(path: str, max_pixels: int) -> dict:
     return {**entry, **meta, "phash": hash_to_hex(value)}
 
 
-def read_csv_inputs(csv_path: str, source: str, config: BuildConfig) -> tuple[list[InputImage], int]:
-    """Groups a caption CSV's rows by image path; returns (images in first-seen order, row count)."""
-    base = os.path.dirname(os.path.abspath(csv_path))
+def read_csv_inputs(csv_path: str, source: str, config: BuildConfig,
+                    images_root: str | None = None) -> tuple[list[InputImage], int]:
+    """Groups a caption CSV's rows by image path; returns (images in first-seen order, row count).
+
+    Relative paths are resolved in `images_root`, by default the CSV's own folder.
+    """
+    base = os.path.abspath(images_root) if images_root else os.path.dirname(os.path.abspath(csv_path))
     captions: dict[str, list[str]] = {}
     rows = 0
     try:
@@ -347,6 +354,9 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda msg: None) ->
         raise BuildError("give at least one --csv")
     if config.sources and len(config.sources) != len(config.csvs):
         raise BuildError(f"give one --source per --csv ({len(config.csvs)}), not {len(config.sources)}")
+    if len(config.images_roots) not in (0, 1, len(config.csvs)):
+        raise BuildError(f"give --images-root once for all CSVs or once per --csv ({len(config.csvs)}), "
+                         f"not {len(config.images_roots)} times")
     if config.dedup_scope not in ("across", "all"):
         raise BuildError(f"dedup scope must be 'across' or 'all', not {config.dedup_scope!r}")
     if config.records_per_shard < 1:
@@ -362,9 +372,11 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda msg: None) ->
     csv_info = []
     for i, csv_path in enumerate(config.csvs):
         source = config.sources[i] if config.sources else os.path.splitext(os.path.basename(csv_path))[0]
-        images, rows = read_csv_inputs(csv_path, source, config)
+        roots = config.images_roots
+        root = roots[i] if len(roots) > 1 else roots[0] if roots else None
+        images, rows = read_csv_inputs(csv_path, source, config, root)
         inputs += [dataclasses.replace(img, position=len(inputs) + k) for k, img in enumerate(images)]
-        csv_info.append({"path": csv_path, "source": source, "rows": rows, "images": len(images)})
+        csv_info.append({"path": csv_path, "source": source, "rows": rows, "images": len(images), "images_root": root})
     if not inputs:
         raise BuildError("the CSVs list no images")
     log(f"{len(inputs)} images from {len(config.csvs)} CSV(s)")

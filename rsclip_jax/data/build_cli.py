@@ -21,6 +21,9 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--csv", action="append", required=True, metavar="CSV",
                    help="caption CSV with header filepath,title (one row per caption; relative paths are relative "
                    "to the CSV's folder); repeat for several sources")
+    p.add_argument("--images-root", action="append", default=[], metavar="DIR",
+                   help="folder that relative CSV paths point into, e.g. the --images of `rsclip data caption`; "
+                   "once for all, or once per --csv (default: each CSV's folder)")
     p.add_argument("--source", action="append", default=[], metavar="NAME",
                    help="source name for the matching --csv (default: the CSV's file stem)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
@@ -61,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from rsclip_jax.data.build import BuildConfig, build
 
     config = BuildConfig(
-        csvs=tuple(args.csv), out_dir=args.out, sources=tuple(args.source), dedup=args.dedup,
+        csvs=tuple(args.csv), out_dir=args.out, sources=tuple(args.source), images_roots=tuple(args.images_root),
+        dedup=args.dedup,
         dedup_scope=args.dedup_scope, phash_threshold=args.phash_threshold, exclude=tuple(args.exclude),
         exclude_images=tuple(args.exclude_images), exclude_splits=tuple(args.exclude_split or ("test",)),
         workers=args.workers, records_per_shard=args.records_per_shard,
