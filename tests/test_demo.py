@@ -29,6 +29,8 @@ def test_demo_end_to_end_and_open_clip_interop(tmp_path, capsys, monkeypatch):
     for task in ("retrieval", "zeroshot", "linear_probe", "knn", "fewshot", "counting"):
         assert task in report, task
     assert (tmp_path / "eval" / "report_plots" / "fewshot.png").stat().st_size > 0
+    chance = 100.0 / len(report["knn"]["classes"])  # 4 land-use classes
+    assert report["knn"]["top1"] > chance and report["linear_probe"]["top1"] > chance
     assert "## Image–text retrieval (%)" in out
 
     # The exported model is an OpenCLIP state_dict: open_clip loads it strictly and agrees with JAX.
