@@ -12,7 +12,7 @@ from rsclip_jax.models import create_model
 from rsclip_jax.tokenizer import tokenize
 from rsclip_jax.train.optim import decays, learning_rate_schedule, make_optimizer
 from rsclip_jax.train.sharding import make_mesh, partition_spec, state_shardings
-from rsclip_jax.train.step import MAX_LOGIT_SCALE, init_train_state, jit_train_step, make_train_step
+from rsclip_jax.train.step import MAX_LOG_LOGIT_SCALE, init_train_state, jit_train_step, make_train_step
 
 B = 16
 
@@ -106,8 +106,10 @@ def test_nonfinite_loss_leaves_state_untouched():
 
 
 def test_logit_scale_is_clamped():
-    _, state, metrics = _train((8, 1, 1), steps=1, lr=1e3)
-    assert float(state.params["logit_scale"][...]) <= MAX_LOGIT_SCALE
+    # Step 1 has lr 0 (warmup); step 2 moves every parameter by about lr = 1e3, far past both bounds.
+    _, state, metrics = _train((8, 1, 1), steps=2, lr=1e3)
+    value = float(state.params["logit_scale"][...])
+    assert value in (0.0, pytest.approx(MAX_LOG_LOGIT_SCALE)), value
     assert float(metrics["logit_scale"]) <= 100.0 + 1e-4
 
 
@@ -117,6 +119,7 @@ def test_weight_decay_mask():
     decayed = {jax.tree_util.keystr(p): decays(p, x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
     assert decayed["['transformer']['fc_kernel'].value"] and decayed["['visual']['attnpool']['q_kernel'].value"]
     assert decayed["['visual']['conv1']['kernel'].value"]
-    for name in ["['transformer']['fc_bias'].value", "['token_embedding'].value", "['positional_embedding'].value",
+    for name in ["['transformer']['fc_bias'].value", "['transformer']['qkv_bias'].value", "['token_embedding'].value",
+                 "['positional_embedding'].value", "['visual']['attnpool']['q_bias'].value",
                  "['logit_scale'].value", "['ln_final']['scale'].value", "['visual']['bn1']['scale'].value"]:
         assert not decayed[name], name

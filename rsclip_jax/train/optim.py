@@ -2,8 +2,10 @@
 
 * AdamW with CLIP's beta2 = 0.98 and eps = 1e-6 (more stable than 0.999 / 1e-8 for contrastive
   training with large batches).
-* No weight decay on biases, norms, embeddings, class/positional embeddings or the temperature:
-  anything with fewer than two dimensions, plus embedding tables (as OpenCLIP and CLIP).
+* Weight decay on weight matrices and kernels only: never on biases, norms (LayerNorm/BatchNorm
+  scales), embeddings (token, positional, class) or the temperature. CLIP decays "all weights
+  except gains or biases"; embeddings are also left out here, as the project's training spec asks
+  (OpenCLIP does decay its token and positional embeddings).
 * Gradient clipping by global norm over the trainable parameters.
 * Per-tower learning-rate multipliers (`visual`, `text`, `logit`) and freezing of whole towers: a
   frozen tower gets no optimiser state at all (LiT's locked image tower costs no Adam memory).
@@ -43,11 +45,14 @@ def _names(path: Sequence[Any]) -> list[str]:
 
 
 def decays(path: Sequence[Any], leaf: Any) -> bool:
-    """Whether weight decay applies: matrices and kernels only, never embeddings or norms."""
+    """Whether weight decay applies: matrices and kernels only, never embeddings, norms or biases."""
     names = _names(path)
-    # stacked transformer parameters carry a leading layers axis; a stacked bias is still a bias
-    core_ndim = leaf.ndim - (1 if "transformer" in names else 0)
-    return core_ndim >= 2 and not any(n in _NO_DECAY_NAMES for n in names)
+    # By name first: a stacked or head-split bias (e.g. qkv_bias, (layers, 3, heads, head_dim)) is
+    # still a bias. Then by rank, for 1-D gains and the scalar temperature.
+    if any(n in _NO_DECAY_NAMES or "bias" in n for n in names):
+        return False
+    core_ndim = leaf.ndim - (1 if "transformer" in names else 0)  # stacked blocks carry a layers axis
+    return core_ndim >= 2
 
 
 def learning_rate_schedule(
