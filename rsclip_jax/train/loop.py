@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from rsclip_jax.data.pipeline import to_global_batch
 from rsclip_jax.train.checkpointing import Checkpointer
-from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
+from rsclip_jax.train.metrics import MetricWriter, model_flops_per_step, peak_flops_per_device
 from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
 
@@ -56,13 +57,16 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, eval_hooks: list[EvalHook] | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str,
+          make_eval_hooks: Callable[[Run], list[EvalHook]] | None = None) -> dict[str, Any]:
     """Trains to `config.total_steps`, resuming from `workdir` when it holds a checkpoint.
 
+    `make_eval_hooks(run)` builds the periodic evaluations from the run (mesh, graphdef, config).
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
     os.makedirs(workdir, exist_ok=True)
     run = build_run(config)
+    eval_hooks = make_eval_hooks(run) if make_eval_hooks else []
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
     data_iter = iter(train_data(config, run.model_config.vision.image_size))
     start = checkpointer.latest_step()
@@ -74,7 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, eval_hooks: list[Eval
         _log(f"started from {'scratch' if not config.model.init_from else config.model.init_from}")
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = _compile(run, state, data_iter)
-    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, eval_hooks or [])
+    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, eval_hooks)
     writer.close()
     checkpointer.close()
     return summary
@@ -92,52 +96,63 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
           checkpointer: Checkpointer, writer: MetricWriter, eval_hooks: list[EvalHook]) -> dict[str, Any]:
     config_dict = config.to_dict()
     preemption = _Preemption()
-    flops, peak = None, peak_flops_per_device()
+    flops, peak = model_flops_per_step(run.model_config, config.batch_size) / run.mesh.devices.size, peak_flops_per_device()
     # Redraw often on a terminal; in logs (not a TTY) every redraw is a line, so only every 30 s.
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=jax.process_index() != 0, dynamic_ncols=True,
                mininterval=0.2 if sys.stderr.isatty() else 30.0)
+    # The host reads metrics only at sync points, so steps are dispatched ahead of the device.
+    # Between them, non-finite steps are counted on the device (the step already dropped their
+    # updates, so the state stays finite either way).
+    sync_every = min(config.log_every_steps, 10)
+    nonfinite, first_nonfinite = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
-    skipped = 0
-    ended = "completed"
+    skipped, ended, saved_step = 0, "completed", None
     window_start, window_steps = time.perf_counter(), 0
     step = start
     try:
         while step < config.total_steps:
             batch = to_global_batch(next(data_iter), run.mesh, run.batch_axes)
-            if flops is None:
-                compiled = step_fn.lower(state, batch).compile()
-                flops = _flops(compiled)
-                step_fn = compiled
             state, metrics = step_fn(state, batch)
             step += 1
             window_steps += 1
-            metrics = jax.device_get(metrics)
-            if bool(metrics["nonfinite"]):
-                skipped += 1
-                msg = f"step {step}: non-finite loss ({float(metrics['loss'])}) or gradient; update skipped"
+            first_nonfinite = jnp.where(metrics["nonfinite"] & (first_nonfinite < 0), step, first_nonfinite)
+            nonfinite = nonfinite + metrics["nonfinite"].astype(jnp.int32)
+            bar.update(1)
+            log = step % config.log_every_steps == 0 or step == config.total_steps
+            evaluate = bool(eval_hooks) and (step == config.total_steps or
+                                             (config.eval_every_steps > 0 and step % config.eval_every_steps == 0))
+            save = step == config.total_steps or step % config.checkpoint_every_steps == 0
+            # Sync points fall on the same steps on every process (agreeing on preemption is a
+            # collective); a single process also syncs as soon as SIGTERM arrives.
+            local_signal = jax.process_count() == 1 and preemption.requested
+            if not (log or evaluate or save or step % sync_every == 0 or local_signal):
+                continue
+            metrics, new_nonfinite, first = jax.device_get((metrics, nonfinite, first_nonfinite))
+            if new_nonfinite:
+                skipped += int(new_nonfinite)
+                msg = f"{int(new_nonfinite)} step(s) with a non-finite loss or gradient, first at step {int(first)}"
                 if config.nan_policy == "stop":
                     raise NonFiniteLossError(msg + "; stopping (nan_policy='stop'). Lower the learning rate or "
                                              "check the data; the last checkpoint holds finite parameters.")
-                _log(msg + " (nan_policy='skip')")
-            bar.update(1)
+                _log(msg + "; their updates were skipped (nan_policy='skip')")
+                nonfinite, first_nonfinite = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
-            if step % config.log_every_steps == 0 or step == config.total_steps:
+            if log:
                 elapsed = time.perf_counter() - window_start
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
-            if eval_hooks and config.eval_every_steps and step % config.eval_every_steps == 0 and step < config.total_steps:
-                evals = _run_evals(eval_hooks, step, state, writer)
-            if step == config.total_steps:
-                if eval_hooks:
-                    evals = _run_evals(eval_hooks, step, state, writer)
-                checkpointer.save(step, state, data_iter, config_dict, evals)
-            elif step % config.checkpoint_every_steps == 0:
-                checkpointer.save(step, state, data_iter, config_dict, evals)
+            step_evals = _run_evals(eval_hooks, step, state, writer) if evaluate else None
+            evals = step_evals or evals
+            if save:
+                # Only metrics computed at this step: "best" must never credit a stale evaluation.
+                checkpointer.save(step, state, data_iter, config_dict, step_evals)
+                saved_step = step
             if preemption.agreed():
-                checkpointer.save(step, state, data_iter, config_dict, evals)
+                if saved_step != step:
+                    checkpointer.save(step, state, data_iter, config_dict, step_evals)
                 checkpointer.wait()
                 ended = "preempted"
                 _log(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume")
@@ -148,23 +163,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     return {"step": step, "ended": ended, "metrics": last, "evals": evals, "skipped_steps": skipped}
 
 
-def _flops(compiled: Any) -> float | None:
-    try:
-        analysis = compiled.cost_analysis()
-        analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-        flops = float(analysis.get("flops", 0.0))
-        return flops if flops > 0 else None
-    except Exception:  # cost analysis is best-effort and backend-specific
-        return None
-
-
 def _step_metrics(metrics: dict[str, Any], step: int, steps: int, seconds: float, batch_size: int,
                   flops: float | None, peak: float | None, skipped: int) -> dict[str, float]:
     out = {k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "logit_scale")}
     out["step"] = step
     out["samples_per_sec"] = batch_size * steps / max(seconds, 1e-9)
     out["skipped_steps"] = skipped
-    if flops is not None:
+    if flops:
         out["tflops_per_device"] = flops * steps / max(seconds, 1e-9) / 1e12
         if peak:
             out["mfu"] = flops * steps / max(seconds, 1e-9) / peak

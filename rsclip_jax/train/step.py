@@ -24,11 +24,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rsclip_jax.models.clip import MAX_LOGIT_SCALE as MAX_TEMPERATURE
+from rsclip_jax.models.clip import MAX_LOGIT_SCALE
 from rsclip_jax.preprocess import normalize_images
 from rsclip_jax.train.losses import clip_loss, siglip_loss
 
-MAX_LOGIT_SCALE = math.log(MAX_TEMPERATURE)  # the clamp on the learnable log-temperature
+# The learnable parameter is the log of the temperature; it is clamped at log(MAX_LOGIT_SCALE).
+MAX_LOG_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
 
 
 @flax.struct.dataclass
@@ -54,7 +55,7 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tup
 def _clamp_logit_scale(params: nnx.State) -> nnx.State:
     def clamp(path: Any, x: jax.Array) -> jax.Array:
         first = path[0]
-        return jnp.clip(x, 0.0, MAX_LOGIT_SCALE) if getattr(first, "key", None) == "logit_scale" else x
+        return jnp.clip(x, 0.0, MAX_LOG_LOGIT_SCALE) if getattr(first, "key", None) == "logit_scale" else x
 
     return jax.tree_util.tree_map_with_path(clamp, params)
 
@@ -134,7 +135,13 @@ def make_train_step(
         params = _clamp_logit_scale(optax.apply_updates(state.params, updates))
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = TrainState(state.step + 1, keep(params, state.params), keep(opt_state, state.opt_state), state.rest)
+
+        def keep_opt(path: Any, new: jax.Array, old: jax.Array) -> jax.Array:
+            # Step counters advance even on a skipped step, so the schedule stays on `state.step`.
+            return new if jax.tree_util.keystr(path).endswith("count") else jnp.where(finite, new, old)
+
+        opt_state = jax.tree_util.tree_map_with_path(keep_opt, opt_state, state.opt_state)
+        new_state = TrainState(state.step + 1, keep(params, state.params), opt_state, state.rest)
         metrics = {
             "loss": value,
             "grad_norm": grad_norm,
