@@ -34,7 +34,9 @@ def test_init_from_openclip_file_and_from_workdir(tmp_path):
     trained = state.replace(step=state.step + 7)
     ckpt.save(7, trained, _FakeIterator(), run.config.to_dict())
     ckpt.close()
-    again = initial_state(build_run(_config(f"--config.model.init_from={tmp_path / 'run'}")))
+    # ... even under another optimiser (LiT: a frozen image tower has no Adam state at all).
+    again = initial_state(build_run(_config(f"--config.model.init_from={tmp_path / 'run'}",
+                                            "--config.optim.freeze=visual", "--config.optim.grad_clip_norm=0")))
     assert int(again.step) == 0
     for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, b)
@@ -58,3 +60,15 @@ def test_keeps_last_k_and_best(tmp_path):
     kept = sorted(ckpt.manager.all_steps())
     ckpt.close()
     assert kept == [2, 4, 5]  # the last two, plus the best (step 2)
+
+
+def test_siglip_starts_from_clip_weights(tmp_path):
+    """OpenCLIP files have no logit_bias: SigLIP training keeps its initial -10 and loads the rest."""
+    source = create_model("tiny-ViT", seed=5)
+    save_checkpoint(source, tmp_path / "clip.safetensors")
+    run = build_run(_config("--config.loss.name=siglip", f"--config.model.init_from={tmp_path / 'clip.safetensors'}"))
+    state = initial_state(run)
+    assert float(state.params["logit_bias"][...]) == -10.0
+    want = export_state_dict(source)
+    got = export_state_dict(nnx.merge(run.graphdef, state.params, state.rest))
+    np.testing.assert_array_equal(got["visual.proj"], want["visual.proj"])

@@ -132,14 +132,21 @@ def _bn_counters(entries: list[_Entry]) -> list[str]:
     return [e.keys[0].rsplit(".", 1)[0] + ".num_batches_tracked" for e in entries if e.path[-1] == "mean"]
 
 
-def load_state_dict_into(model: CLIP, state_dict: Mapping[str, np.ndarray]) -> CLIP:
+def load_state_dict_into(
+    model: CLIP, state_dict: Mapping[str, np.ndarray], keep_missing: tuple[str, ...] = ()
+) -> CLIP:
     """Returns `model` (possibly abstract) with its parameters replaced by `state_dict`'s.
+
+    `keep_missing` names parameters the state_dict may lack, which then keep the model's initial
+    value: e.g. `logit_bias`, to start SigLIP training from CLIP weights.
 
     Raises:
         CheckpointMismatchError: listing every missing key, unexpected key and shape mismatch.
     """
     flat, entries = _entries(model)
     expected = {k for e in entries for k in e.keys} | set(_bn_counters(entries))
+    defaults = {k: _initial_value(model, k) for k in keep_missing if k in expected and k not in state_dict}
+    state_dict = {**state_dict, **defaults}
     missing = sorted(k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state_dict if k not in expected and k not in _IGNORED)
     bad_shapes = []
@@ -166,6 +173,14 @@ def load_state_dict_into(model: CLIP, state_dict: Mapping[str, np.ndarray]) -> C
     graphdef, state = nnx.split(model)
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new_flat))
     return nnx.merge(graphdef, state)
+
+
+def _initial_value(model: CLIP, key: str) -> np.ndarray:
+    """The value a freshly built model gives a top-level scalar parameter (from its config)."""
+    initial = {"logit_scale": model.config.init_logit_scale, "logit_bias": model.config.init_logit_bias}
+    if key not in initial or initial[key] is None:
+        raise ValueError(f"no initial value known for {key!r}")
+    return np.asarray(initial[key], np.float32)
 
 
 def export_state_dict(model: CLIP) -> dict[str, np.ndarray]:

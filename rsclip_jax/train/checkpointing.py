@@ -99,12 +99,25 @@ class Checkpointer:
         data_iterator.set_state(restored.data)
         return step, restored.state
 
-    def restore_state_only(self, abstract_state: Any, step: int | None = None) -> Any:
-        """The train state of a checkpoint, without touching any data iterator (for init_from/eval)."""
+    def restore_weights(self, abstract_params: Any, abstract_rest: Any, step: int | None = None) -> tuple[Any, Any]:
+        """Only the model variables (params, BatchNorm statistics) of a checkpoint.
+
+        The optimiser state is not read, so this works whatever optimiser, freezing or loss the
+        checkpoint was trained with (for init_from, evaluation and export).
+        """
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+        target = {"params": abstract_params, "rest": abstract_rest}
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
+        # A plain PyTree reader allows a partial restore of the state item written by StandardSave.
+        reader = ocp.CheckpointManager(self.directory, item_names=("state",),
+                                       item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+                                       options=ocp.CheckpointManagerOptions(read_only=True))
+        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
+        restored = reader.restore(step, args=ocp.args.Composite(state=args)).state
+        reader.close()
+        return restored["params"], restored["rest"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -34,9 +34,10 @@ def model_from_workdir(workdir: str | os.PathLike, step: int | None = None) -> C
     config = ml_collections.ConfigDict(saved)
     # Inference needs no training mesh: replicate over this host's devices.
     config.mesh.shape, config.mesh.dcn_shape = (-1, 1, 1), (1, 1, 1)
-    config.batch_size = len(jax.local_devices()) * config.optim.grad_accum_steps
+    # Any batch size the inference mesh accepts; nothing is trained.
+    config.batch_size = len(jax.local_devices()) * jax.process_count() * config.optim.grad_accum_steps
     validate(config)
     run = build_run(config, devices=jax.local_devices())
-    state = checkpointer.restore_state_only(run.abstract_state, step)
+    params, rest = checkpointer.restore_weights(run.abstract_state.params, run.abstract_state.rest, step)
     checkpointer.close()
-    return nnx.merge(run.graphdef, state.params, state.rest)
+    return nnx.merge(run.graphdef, params, rest)

@@ -75,6 +75,7 @@ def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
         )
     if config.batch_size % jax.process_count():
         raise ValueError(f"batch_size {config.batch_size} must be divisible by the {jax.process_count()} processes")
+    _check_batch_split_by_process(mesh, batch_axes, config.batch_size)
     model_config = model_config_from(config)
     schedule = learning_rate_schedule(
         config.optim.lr, config.total_steps, config.optim.warmup_steps, config.optim.schedule, config.optim.end_lr_ratio
@@ -96,6 +97,26 @@ def build_run(config: ml_collections.ConfigDict, devices: Any = None) -> Run:
                shardings, batch_axes)
 
 
+def _check_batch_split_by_process(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...], batch_size: int) -> None:
+    """Each process feeds its own rows, so no batch slice may live on devices of two processes.
+
+    That happens when a non-batch axis (e.g. `model`) spans processes: the replicas would receive
+    different data and the global batch would be wrong, silently.
+    """
+    if jax.process_count() == 1:
+        return
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+    owners: dict[tuple[Any, Any], set[int]] = {}
+    for device, index in sharding.devices_indices_map((batch_size,)).items():
+        owners.setdefault((index[0].start, index[0].stop), set()).add(device.process_index)
+    if any(len(procs) > 1 for procs in owners.values()):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: a non-batch axis spans processes, so one batch slice would be fed by "
+            "several processes; keep the 'model' axis within a process (mesh.shape), and put only data/fsdp "
+            "in mesh.dcn_shape"
+        )
+
+
 def initial_state(run: Run) -> TrainState:
     """A fresh sharded state: from scratch, from OpenCLIP weights, or from an rsclip workdir's params."""
     config, tx = run.config, run.tx
@@ -104,10 +125,12 @@ def initial_state(run: Run) -> TrainState:
         fresh = lambda: init_train_state(_create(config, run.model_config), tx)[1]  # noqa: E731
         return jax.jit(fresh, out_shardings=run.shardings)()
     if os.path.isdir(source):
-        restored = Checkpointer(source, use_async=False).restore_state_only(run.abstract_state)
-        params, rest = restored.params, restored.rest
+        checkpointer = Checkpointer(source, use_async=False)
+        params, rest = checkpointer.restore_weights(run.abstract_state.params, run.abstract_state.rest)
+        checkpointer.close()
     else:
-        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(source))
+        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(source),
+                                     keep_missing=("logit_bias",))
         _, params, rest = nnx.split(model, nnx.Param, ...)
 
     def from_weights(params: Any, rest: Any) -> TrainState:
