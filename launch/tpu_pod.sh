@@ -15,7 +15,11 @@ CONFIG=${3:?config}
 WORKDIR=${4:?workdir}
 shift 4
 REPO_URL=${REPO_URL:-}  # set to clone the project on the workers, or pre-install it there
+# Quote every argument for the remote shell: overrides such as --config.mesh.shape="(1,-1,1)"
+# contain characters bash would otherwise interpret.
+ARGS=$(printf '%q ' --config "$CONFIG" --workdir "$WORKDIR" "$@")
 SETUP="pip install -e ~/rsclip_jax 'jax[tpu]==0.10.2'"
+CLONE=""
+if [ -n "$REPO_URL" ]; then CLONE="git clone $(printf '%q' "$REPO_URL") ~/rsclip_jax 2>/dev/null || true; "; fi
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "${REPO_URL:+git clone $REPO_URL ~/rsclip_jax 2>/dev/null || true; }cd ~/rsclip_jax && $SETUP && \
-   rsclip train --distributed --config $CONFIG --workdir $WORKDIR $*"
+  "${CLONE}cd ~/rsclip_jax && $SETUP && rsclip train --distributed $ARGS"
