@@ -11,6 +11,11 @@ of five per sample): small learning rate, as in continual pretraining (GeoRSCLIP
 batch 600 for fine-tuning), 20 epochs at batch 1024, remote-sensing flips and rotations.
 `init_from` takes an OpenCLIP state_dict (.pt/.safetensors): convert OpenAI's TorchScript files
 with open_clip first (`open_clip.create_model("ViT-B-32-quickgelu", pretrained="openai")`).
+
+Augmentation: flips and 90-degree rotations are on (remote-sensing scenes have no canonical up),
+which is safe for B2C/M2B captions (they say "middle"/"edge", never left/right). Human captions
+(RSICD, RSITMD, UCM) sometimes do say "on the left of"; to keep those exact, train with
+`--config.data.hflip=False --config.data.vflip=False --config.data.rot90=False`.
 """
 
 from rsclip_jax.train.config import default_config
@@ -40,5 +45,5 @@ def get_config(arg: str = "ViT-B-32"):
 
 
 def get_sweep():
-    """Overrides for a learning-rate sweep (one run each; see launch/README.md)."""
+    """Overrides for a learning-rate sweep: run each as its own workdir (see docs/training.md)."""
     return [{"optim.lr": lr} for lr in (1e-5, 3e-5, 1e-4)]

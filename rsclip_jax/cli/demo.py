@@ -38,10 +38,9 @@ def _mean(values: list[float]) -> float:
 def run_demo(args: argparse.Namespace) -> int:
     from rsclip_jax.checkpoint import save_checkpoint
     from rsclip_jax.train.config import load_config
-    from rsclip_jax.train.evals import random_ranking_mean_recall, retrieval_hook
+    from rsclip_jax.train.evals import eval_hooks, random_ranking_mean_recall
     from rsclip_jax.train.export import model_from_workdir
     from rsclip_jax.train.loop import read_metrics, train
-    from rsclip_jax.train.setup import build_run
 
     captions = os.path.join(args.samples, "train", "captions.csv")
     retrieval_json = os.path.join(args.samples, "retrieval", "dataset_samples.json")
@@ -60,7 +59,7 @@ def run_demo(args: argparse.Namespace) -> int:
                  *args.overrides]
     config = load_config(args.config, overrides)
     train_dir = os.path.join(args.workdir, "train")
-    summary = train(config, train_dir, [retrieval_hook(build_run(config))])
+    summary = train(config, train_dir, eval_hooks)
     model_path = os.path.join(args.workdir, "model.safetensors")
     save_checkpoint(model_from_workdir(train_dir), model_path)
 

@@ -42,14 +42,10 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)  # errors here, before anything compiles
     init_distributed(args)
-    from rsclip_jax.train.evals import retrieval_hook
+    from rsclip_jax.train.evals import eval_hooks
     from rsclip_jax.train.loop import train
-    from rsclip_jax.train.setup import build_run
 
-    hooks = []
-    if config.evals.retrieval_json:
-        hooks.append(retrieval_hook(build_run(config)))
-    summary = train(config, args.workdir, hooks)
+    summary = train(config, args.workdir, eval_hooks)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2, default=float), file=sys.stdout)
     return 0

@@ -11,8 +11,9 @@ preprocessing): the fingerprint hashes the architecture and every parameter, ima
 by path, size and mtime, texts by their exact strings. Training evals pass `cache_dir=None`.
 
 This is the one embedding engine of the project: `rsclip embed`/`classify`, the evaluator and the
-evals inside training all use it (with training's mesh there, so sharded weights need no gather
-to a host). Long inputs show a progress bar on process 0.
+evals inside training all use it. During training it runs on the training mesh: the weights are
+resharded on device to a replicated copy (no round trip through a host), which needs one full
+copy of the model per device. Long inputs show a progress bar on process 0.
 """
 
 from __future__ import annotations

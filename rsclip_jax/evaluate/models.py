@@ -8,12 +8,6 @@ from typing import Any
 from rsclip_jax.models import CLIP
 
 
-def _latest_step(workdir: str) -> int | None:
-    # orbax names step directories by their number; unfinished saves carry a temporary suffix.
-    steps = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    return max(steps) if steps else None
-
-
 def load_model(checkpoint: str, model: str | None = None, dtype: str = "float32") -> tuple[CLIP, dict[str, Any]]:
     """Loads weights for evaluation with `rsclip_jax.checkpoint.load_checkpoint`.
 
@@ -37,7 +31,11 @@ def load_model(checkpoint: str, model: str | None = None, dtype: str = "float32"
     if os.path.isdir(checkpoint):
         if not os.path.isdir(os.path.join(checkpoint, "checkpoints")):
             raise FileNotFoundError(f"{checkpoint}: a directory but not an rsclip training workdir (no checkpoints/)")
-        info.update(format="rsclip-workdir", step=_latest_step(checkpoint))
+        from rsclip_jax.train.checkpointing import Checkpointer
+
+        checkpointer = Checkpointer(checkpoint, use_async=False)
+        info.update(format="rsclip-workdir", step=checkpointer.latest_step())
+        checkpointer.close()
         clip = load_checkpoint(checkpoint, model=model)
     elif os.path.exists(checkpoint):
         info.update(format="openclip", dtype=dtype)

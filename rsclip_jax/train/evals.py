@@ -41,6 +41,11 @@ def retrieval_hook(run: Run) -> EvalHook:
     return hook
 
 
+def eval_hooks(run: Run) -> list[EvalHook]:
+    """The evaluations the config asks for (`config.evals`)."""
+    return [retrieval_hook(run)] if run.config.evals.retrieval_json else []
+
+
 def random_ranking_mean_recall(num_images: int, captions_per_image: int = 5) -> float:
     """Expected mean recall (percent) of a random ranking, the floor a trained model must beat."""
     num_texts = num_images * captions_per_image
