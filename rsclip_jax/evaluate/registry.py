@@ -10,6 +10,8 @@ Every option is a dataclass field with its default; an unknown key is an error n
 
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ class TaskResult:
 
 
 @dataclass(kw_only=True)
-class Task:
+class Task(abc.ABC):
     """Base class: subclasses are dataclasses of options with a `run(extractor)` method.
 
     `name` is the dataset's display name in reports (default: derived from the data path);
@@ -42,8 +44,9 @@ class Task:
     name: str = ""
     skip_missing: bool = False
 
-    def run(self, extractor: Any) -> TaskResult:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, extractor: Any) -> TaskResult:
+        """Embeds what the task needs with `extractor` and computes its metrics."""
 
     def config(self) -> dict[str, Any]:
         """The options that produced a result (for the report)."""

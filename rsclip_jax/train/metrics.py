@@ -119,14 +119,16 @@ def _truncate_after(path: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError):
-            pass  # a line cut short by a kill -9 is dropped
+    kept = [line for line in lines if _record_step(line) <= step]  # a line cut short by kill -9: dropped
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.writelines(kept)
     os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics line; infinity for a line that is not a complete record."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
