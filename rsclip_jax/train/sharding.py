@@ -84,10 +84,7 @@ def make_mesh(
         )
     else:
         ici = resolve_shape(shape, len(devices))
-        try:
-            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
-        except (ValueError, NotImplementedError, AssertionError):
-            grid = np.array(devices).reshape(ici)  # CPU and unknown topologies
+        grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
     return Mesh(grid, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(axis_names))
 
 
