@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from rsclip_jax.train.losses import clip_loss, naive_clip_loss, siglip_loss  # noqa: E402
+from rsclip_jax.losses import clip_loss, naive_clip_loss, siglip_loss  # noqa: E402
 
 LOCAL_BATCH, DIM = 512, 512
 

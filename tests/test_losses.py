@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rsclip_jax.train.losses import clip_loss, naive_clip_loss, naive_siglip_loss, siglip_loss
+from rsclip_jax.losses import clip_loss, naive_clip_loss, naive_siglip_loss, siglip_loss
 
 B, D = 64, 32
 

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
 from rsclip_jax.preprocess import normalize_images
-from rsclip_jax.train.losses import clip_loss, siglip_loss
+from rsclip_jax.losses import clip_loss, siglip_loss
 
 # The learnable parameter is the log of the temperature; it is clamped at log(MAX_LOGIT_SCALE).
 MAX_LOG_LOGIT_SCALE = math.log(MAX_LOGIT_SCALE)
