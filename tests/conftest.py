@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "data" / "samples"
 TILES = SAMPLES / "tiles"
-SHARED_SAMPLES = REPO.parent / "shared" / "samples"
+REAL_FIXTURES = REPO / "tests" / "fixtures"  # small real package files (deepforest, solaris), see ATTRIBUTION.md
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from rsclip_jax.data import B2CConfig, Box, ImageAnnotation, box_to_caption, plu
 from rsclip_jax.data.b2c import count_phrase, is_in_middle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "annotations"
-SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples"
+REAL = Path(__file__).resolve().parent / "fixtures"  # real package files, see fixtures/ATTRIBUTION.md
 PAPER_STYLE = re.compile(r"^[A-Z0-9].* \.$")  # capitalised, space before the final period
 
 
@@ -100,7 +100,7 @@ def test_location_captions_count_only_their_region_for_every_seed():
 
 def test_exact_captions_of_real_deepforest_trees():
     # the captions docs/data.md shows; 16 of the 61 tree centres lie in the central region
-    [trees] = read_annotations("voc", SHARED_SAMPLES / "deepforest" / "OSBS_029.xml")
+    [trees] = read_annotations("voc", REAL / "deepforest" / "OSBS_029.xml")
     assert box_to_caption(trees, seed=0) == [
         "A crowd of trees are in the middle of the picture .",
         "Lots of trees at the edge of the picture .",

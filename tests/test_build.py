@@ -279,15 +279,17 @@ def test_caption_then_build_with_images_root(tmp_path):
     """The documented flow: `data caption` writes paths relative to --images; `build --images-root` reads them."""
     import shutil
 
-    from conftest import SHARED_SAMPLES
+    from conftest import REAL_FIXTURES
     from rsclip_jax.cli import main
 
     images = tmp_path / "images"
     images.mkdir()
-    shutil.copy(SHARED_SAMPLES / "deepforest" / "OSBS_029.tif", images / "OSBS_029.tif")
+    # deepforest's PNG of the orthophoto; the VOC file names OSBS_029.tif, found by its stem
+    shutil.copy(REAL_FIXTURES / "deepforest" / "OSBS_029.png", images / "OSBS_029.png")
     csv_path = tmp_path / "captions" / "trees.csv"
     assert main(["data", "caption", "--format", "voc", "--images", str(images), "--annotations",
-                 str(SHARED_SAMPLES / "deepforest" / "OSBS_029.xml"), "--out", str(csv_path)]) == 0
+                 str(REAL_FIXTURES / "deepforest" / "OSBS_029.xml"), "--out", str(csv_path)]) == 0
+    assert csv_path.read_text().splitlines()[1] == "OSBS_029.png,A crowd of trees are in the middle of the picture ."
     assert main(["data", "build", "--csv", str(csv_path), "--images-root", str(images),
                  "--out", str(tmp_path / "ok"), "--workers", "1"]) == 0
     ok = shards.load_manifest(tmp_path / "ok")

@@ -12,7 +12,7 @@ from PIL import Image
 from rsclip_jax.data import Box, ImageAnnotation, box_to_caption, isprs_rgb_to_index, mask_to_boxes
 from rsclip_jax.data.m2b import ISPRS_BOUNDARY, ISPRS_UNKNOWN
 
-SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples"
+REAL = Path(__file__).resolve().parent / "fixtures"  # real package files, see fixtures/ATTRIBUTION.md
 
 
 def _mask(text: str) -> np.ndarray:
@@ -79,7 +79,7 @@ def test_isprs_legend_colours():
 
 
 def test_real_solaris_building_mask():
-    mask = np.asarray(Image.open(SHARED_SAMPLES / "solaris" / "sample_fp_mask.tif"))
+    mask = np.asarray(Image.open(REAL / "solaris" / "sample_fp_mask.tif"))
     assert mask.shape == (900, 900) and set(np.unique(mask).tolist()) == {0, 255}
     buildings = mask_to_boxes(mask, {255: "building"}, ignore=(0,))
     assert len(buildings) == 151

@@ -26,7 +26,7 @@ from rsclip_jax.data.readers import (
 )
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "annotations"
-SHARED_SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "samples"
+REAL = Path(__file__).resolve().parent / "fixtures"  # real package files, see fixtures/ATTRIBUTION.md
 
 
 def _write(path: Path, text: str) -> Path:
@@ -102,7 +102,7 @@ def test_voc_errors_name_the_file(tmp_path):
 
 
 def test_voc_reads_real_deepforest_labels():
-    [trees] = read_voc(SHARED_SAMPLES / "deepforest" / "OSBS_029.xml")
+    [trees] = read_voc(REAL / "deepforest" / "OSBS_029.xml")
     assert (trees.image, trees.width, trees.height) == ("OSBS_029.tif", 400, 400)
     assert len(trees.boxes) == 61 and {b.label for b in trees.boxes} == {"Tree"}
     assert trees.boxes[0] == Box(203, 67, 227, 90, "Tree")
@@ -257,7 +257,7 @@ def test_isprs_colour_map_and_image_name():
 
 
 def test_isprs_rejects_a_photo_given_as_label_map():
-    photo = SHARED_SAMPLES / "deepforest" / "OSBS_029.png"
+    photo = REAL / "deepforest" / "OSBS_029.png"
     with pytest.raises(
         AnnotationError, match=r"OSBS_029.png: expected an ISPRS colour-coded label map, but only \d+\.\d% of pixels"
     ):
