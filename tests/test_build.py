@@ -298,6 +298,6 @@ def test_caption_then_build_with_images_root(tmp_path):
         == "A crowd of trees are in the middle of the picture ."
     # Without --images-root the paths resolve next to the CSV, where the image is not: counted, not lost.
     main(["data", "build", "--csv", str(csv_path), "--out", str(tmp_path / "missing"), "--workers", "1",
-          "--max-skipped-fraction", "1.0"])
+          "--max-skipped-fraction", "1.0", "--allow-empty"])
     missing = shards.load_manifest(tmp_path / "missing")
     assert missing["written"] == 0 and missing["skipped"][0]["reason"].startswith("file not found")

@@ -27,12 +27,14 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
 
 from rsclip_jax.data import shards
 from rsclip_jax.data.phash import PHashIndex, hash_to_hex, hex_to_hash, phash
+from rsclip_jax.data.readers.captions import detect_delimiter, parse_separator
 from rsclip_jax.preprocess import to_rgb
 
 WORK_DIR = ".build"
@@ -76,9 +78,10 @@ class BuildConfig:
     reencode_format: str = "JPEG"
     jpeg_quality: int = 95
     max_pixels: int = Image.MAX_IMAGE_PIXELS  # read here, never changed globally
-    csv_separator: str = ","
+    csv_separator: str | None = None  # None: comma or tab, found from each CSV's header; also "tab", "\\t"
     image_column: str = "filepath"
     caption_column: str = "title"
+    allow_empty: bool = False  # finish (an empty shard) when no image is left to write, instead of an error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +143,23 @@ def read_csv_inputs(csv_path: str, source: str, config: BuildConfig,
     captions: dict[str, list[str]] = {}
     rows = 0
     try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=config.csv_separator)
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            delimiter = config.csv_separator
+            if delimiter is None:
+                header = f.readline().rstrip("\r\n")
+                f.seek(0)
+                try:
+                    delimiter = detect_delimiter(header, config.image_column, config.caption_column, csv_path)
+                except ValueError:  # the missing column is named below
+                    delimiter = "\t" if "\t" in header else ","
+                hint = "name the columns with --csv-img-key/--csv-caption-key"
+            else:
+                hint = f"split at --csv-separator {delimiter!r}; leave that flag out to detect comma or tab"
+            reader = csv.DictReader(f, delimiter=delimiter)
             missing = {config.image_column, config.caption_column} - set(reader.fieldnames or ())
             if missing:
-                raise BuildError(f"{csv_path}: no column {', '.join(sorted(missing))} in header {reader.fieldnames}")
+                raise BuildError(f"{csv_path}: no column {', '.join(sorted(missing))} in header {reader.fieldnames} "
+                                 f"({hint})")
             for row in reader:
                 rows += 1
                 image = (row[config.image_column] or "").strip()
@@ -363,10 +378,14 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda msg: None) ->
         raise BuildError("--records-per-shard must be >= 1")
     if config.reencode_format not in ("JPEG", "PNG"):
         raise BuildError(f"re-encode format must be JPEG or PNG, not {config.reencode_format!r}")
-    os.makedirs(os.path.join(config.out_dir, WORK_DIR), exist_ok=True)
+    if config.csv_separator is not None:
+        try:
+            config = dataclasses.replace(config, csv_separator=parse_separator(config.csv_separator))
+        except ValueError as e:
+            raise BuildError(str(e)) from None
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise BuildError(f"--out {config.out_dir}: exists and is not a folder")
     manifest_path = os.path.join(config.out_dir, shards.MANIFEST_NAME)
-    if os.path.exists(manifest_path):  # a manifest marks a finished build; this one is not finished yet
-        os.remove(manifest_path)
 
     inputs: list[InputImage] = []
     csv_info = []
@@ -384,20 +403,32 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda msg: None) ->
     skipped: list[tuple[InputImage, str]] = [(img, SKIP_EMPTY_CAPTION) for img in inputs if not img.captions]
     with_captions = [img for img in inputs if img.captions]
     tests = read_exclusion_images(config) if config.exclude else []
-    scans = scan_all([img.path for img in with_captions] + [path for path, _ in tests], config, log)
-    candidates = []
-    for img in with_captions:
-        scan = scans[img.path]
-        if "reason" in scan:
-            skipped.append((img, scan["reason"]))
-        else:
-            candidates.append((img, scan))
-    kept, removed, filter_info = _filter_near_duplicates(candidates, tests, scans, config)
-    skipped += removed
+    work = os.path.join(config.out_dir, WORK_DIR)
+    made = _first_missing(work)
+    os.makedirs(work, exist_ok=True)  # for the scan cache
+    try:
+        scans = scan_all([img.path for img in with_captions] + [path for path, _ in tests], config, log)
+        candidates = []
+        for img in with_captions:
+            scan = scans[img.path]
+            if "reason" in scan:
+                skipped.append((img, scan["reason"]))
+            else:
+                candidates.append((img, scan))
+        kept, removed, filter_info = _filter_near_duplicates(candidates, tests, scans, config)
+        skipped += removed
+        if not kept and not config.allow_empty:
+            raise BuildError(_nothing_to_write(len(inputs), skipped))
+    except BuildError:  # nothing was written but the scan cache: leave no folder this run made
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
 
+    # From here on the folder changes: a manifest marks a finished build, and this one is not yet.
+    if os.path.exists(manifest_path):
+        os.remove(manifest_path)
     plan = plan_shards(kept, config)
     planned_files = {task["file"] for task, _ in plan}
-    work = os.path.join(config.out_dir, WORK_DIR)
     for name in os.listdir(config.out_dir):  # shards of an earlier, different plan
         if _SHARD_FILE_RE.match(name) and name.removesuffix(".tmp") not in planned_files:
             os.remove(os.path.join(config.out_dir, name))
@@ -426,6 +457,26 @@ def build(config: BuildConfig, log: Callable[[str], None] = lambda msg: None) ->
     failed = sum(1 for s in manifest["skipped"] if not s["reason"].startswith(FILTER_REASON_PREFIXES))
     fraction = failed / len(inputs)
     return BuildReport(manifest, manifest_path, fraction, fraction <= config.max_skipped_fraction)
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of `path` that does not exist yet (what makedirs would create), or None."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def _nothing_to_write(inputs: int, skipped: list[tuple[InputImage, str]]) -> str:
+    """The error of a build that would write no image: how many inputs each rule removed."""
+    counts: dict[str, int] = {}
+    for _, reason in skipped:
+        kind = next((k for k in REASON_KINDS if reason.startswith(k)), reason)
+        counts[kind] = counts.get(kind, 0) + 1
+    flag = {"test-split leakage": " (--exclude)", "duplicate of": " (--dedup)"}
+    why = ", ".join(f"{n} {kind}{flag.get(kind, '')}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return (f"no image left to write: all {inputs} input image(s) were removed or skipped: {why}. "
+            "Nothing was written; pass --allow-empty to finish with an empty build anyway")
 
 
 def _manifest(config: BuildConfig, csv_info: list, inputs: list[InputImage], skipped: list, plan: list,

@@ -53,9 +53,14 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--max-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
                    help=f"refuse images with more pixels as decompression bombs (default {Image.MAX_IMAGE_PIXELS})")
-    p.add_argument("--csv-separator", default=",", help="CSV field separator (default ','; OpenCLIP's own is tab)")
+    p.add_argument("--csv-separator", default=None, metavar="SEP",
+                   help="CSV field separator: one character, 'tab' (or \\t, as typed in a shell) or 'comma' "
+                   "(default: comma or tab, detected from each CSV's header; OpenCLIP's own is tab)")
     p.add_argument("--csv-img-key", default="filepath", help="CSV column of image paths (default filepath)")
     p.add_argument("--csv-caption-key", default="title", help="CSV column of captions (default title)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="finish with an empty build when every image is skipped or removed (by default that is an "
+                   "error naming the reasons, and nothing is written)")
     p.set_defaults(func=run)
 
 
@@ -72,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         max_skipped_fraction=args.max_skipped_fraction, image_size=args.image_size,
         reencode_format=args.reencode_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
         csv_separator=args.csv_separator, image_column=args.csv_img_key, caption_column=args.csv_caption_key,
+        allow_empty=args.allow_empty,
     )
     report = build(config, log=lambda msg: print(msg, file=sys.stderr))
     m = report.manifest

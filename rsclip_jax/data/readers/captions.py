@@ -7,7 +7,9 @@ whitespace and otherwise unchanged.
 
 CSV: a header naming the image column and the caption column (OpenCLIP's `filepath` and
 `title` by default), comma- or tab-separated (OpenCLIP's own default is tab), one caption per
-row. Rows of the same image are grouped, in order of first appearance.
+row. Rows of the same image are grouped, in order of first appearance. The separator is found
+from the header (`detect_delimiter`, which `rsclip data build` uses too); `parse_separator` reads
+the value of a separator flag (`,`, `comma`, a real tab, `\t` or `tab`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ def read_caption_csv(
 ) -> Iterator[Record]:
     """Reads an image-caption CSV (e.g. RemoteCLIP's released Det-10/Seg-4/Ret-3 CSVs), one record per image.
 
+    The delimiter, comma or tab, is found from the header (`detect_delimiter`).
+
     Raises:
         AnnotationError: the header lacks either column (always, as nothing can be read), or,
             with strict=True, a row has too few fields (naming FILE:LINE).
@@ -77,7 +81,7 @@ def read_caption_csv(
         raise AnnotationError(
             f"{file}:1: expected a header with columns {image_key!r} and {caption_key!r}, got an empty file"
         )
-    delimiter = _delimiter(text.splitlines()[0], image_key, caption_key, file)
+    delimiter = detect_delimiter(text.splitlines()[0], image_key, caption_key, str(file))
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = next(reader)
     image_col, caption_col = header.index(image_key), header.index(caption_key)
@@ -106,12 +110,36 @@ def read_caption_csv(
         yield CaptionedImage(image, texts, "csv", dict(ignored[image]))
 
 
-def _delimiter(header_line: str, image_key: str, caption_key: str, file: Path) -> str:
+SEPARATOR_NAMES = {",": ",", "comma": ",", "\t": "\t", "\\t": "\t", "tab": "\t"}
+"""Values a separator flag takes: a real tab, or `\\t` / `tab` as typed in a shell."""
+
+
+def parse_separator(value: str, flag: str = "--csv-separator") -> str:
+    """The one-character CSV delimiter named by a flag's value (see `SEPARATOR_NAMES`; any other
+    single character stands for itself).
+
+    Raises:
+        ValueError: naming `flag`, for an empty or multi-character value that is no known name.
+    """
+    if value.lower() in SEPARATOR_NAMES:
+        return SEPARATOR_NAMES[value.lower()]
+    if len(value) == 1 and value not in "\"\r\n":
+        return value
+    raise ValueError(f"{flag} {value!r}: give one character, 'tab' (or \\t) or 'comma'; "
+                     "leave it out to detect comma or tab from the header")
+
+
+def detect_delimiter(header_line: str, image_key: str, caption_key: str, where: str) -> str:
+    """The delimiter (comma or tab) under which `header_line` holds both columns.
+
+    Raises:
+        AnnotationError: naming `where` (the file) when neither does.
+    """
     for delimiter in (",", "\t"):
-        columns = next(csv.reader([header_line], delimiter=delimiter))
+        columns = next(csv.reader([header_line], delimiter=delimiter), [])
         if image_key in columns and caption_key in columns:
             return delimiter
     raise AnnotationError(
-        f"{file}:1: expected a header with columns {image_key!r} and {caption_key!r} (comma- or tab-separated), "
+        f"{where}:1: expected a header with columns {image_key!r} and {caption_key!r} (comma- or tab-separated), "
         f"got {header_line!r}"
     )
