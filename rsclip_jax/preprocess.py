@@ -24,8 +24,18 @@ from PIL import Image
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# The one list of image file types, for every folder the project reads images from (evaluation
+# datasets, TFDS builders, `rsclip embed`, captioning): all formats PIL decodes here.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2")
 STRETCH_PERCENTILES = (2.0, 98.0)
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name is an image: an `IMAGE_EXTENSIONS` suffix (any case) and not hidden.
+
+    Names starting with "." are not images; they include macOS `._x.jpg` AppleDouble files.
+    """
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 class ImageReadError(ValueError):
@@ -121,7 +131,7 @@ def expand_image_paths(paths: Sequence[str | os.PathLike]) -> list[str]:
             found = sorted(
                 os.path.join(p, f)
                 for f in os.listdir(p)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(p, f))
+                if is_image_name(f) and os.path.isfile(os.path.join(p, f))
             )
             if not found:
                 raise ImageReadError(f"{p}: directory contains no image files ({', '.join(IMAGE_EXTENSIONS)})")

@@ -21,7 +21,6 @@ from rsclip_jax.evaluate.datasets import (
     load_retrieval,
     load_scene_dataset,
     load_templates,
-    split_counts,
 )
 from rsclip_jax.evaluate.registry import TaskSpecError, make_task
 from rsclip_jax.evaluate.report import paper_numbers
@@ -41,12 +40,14 @@ def test_sorted_8_to_2_split(tmp_path):
     for i in range(5):
         _png(tmp_path / "forest" / f"f{i}.jpg")
     (tmp_path / "forest" / "notes.txt").write_text("not an image: ignored")
+    (tmp_path / "forest" / "._f0.jpg").write_bytes(b"\0\5\26\7")  # macOS AppleDouble: not an image
+    (tmp_path / ".thumbnails").mkdir()  # hidden: not a class
+    _png(tmp_path / "single" / "only.png")  # a one-image class goes to test (floor(0.8) = 0)
     ds = load_scene_dataset(str(tmp_path), "mine")
-    assert ds.folders == ["beach", "forest"] and ds.split_rule == "sorted 8:2"
+    assert ds.folders == ["beach", "forest", "single"] and ds.split_rule == "sorted 8:2"
     assert [Path(p).stem for p in ds.train_paths[:9]] == [f"b_{i:02d}" for i in range(1, 10)]
-    assert [Path(p).stem for p in ds.test_paths] == ["b_10", "b_11", "b_12", "f4"]
-    assert ds.train_labels.tolist() == [0] * 9 + [1] * 4 and ds.test_labels.tolist() == [0, 0, 0, 1]
-    assert [split_counts(n) for n in (1, 2, 3, 5, 10, 12, 100)] == [1, 1, 2, 4, 8, 9, 80]
+    assert [Path(p).stem for p in ds.test_paths] == ["b_10", "b_11", "b_12", "f4", "only"]
+    assert ds.train_labels.tolist() == [0] * 9 + [1] * 4 and ds.test_labels.tolist() == [0, 0, 0, 1, 2]
 
 
 def test_official_split_folders(tmp_path):

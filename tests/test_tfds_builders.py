@@ -1,8 +1,10 @@
-"""tfds builders (rsclip_jax.data.tfds_builders): array_record files, read back without TensorFlow.
+"""tfds builders (rsclip_jax.data.tfds_builders, prepared by tfds_prepared): array_record files,
+read back without TensorFlow, rebuilt when their source folder changes.
 
 Fixtures are built in tmp from the real sample corpus (data/samples/scenes, data/samples/retrieval)
 with deliberate quirks: uneven class sizes for the 8:2 rounding, names whose code-point order differs
 from their natural order, junk files, and non-RGB / non-JPEG-PNG images that must be normalised.
+The split rule itself is pinned in tests/test_splits.py.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from rsclip_jax.data import splits
 from rsclip_jax.data import tfds_builders as tb
+from rsclip_jax.data import tfds_prepared as tp
+from rsclip_jax.preprocess import load_image
 
 REPO = Path(__file__).resolve().parent.parent
 SCENES = REPO / "data" / "samples" / "scenes"
@@ -107,43 +112,26 @@ def retrieval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def data_dir(tmp_path_factory: pytest.TempPathFactory, scene_dir: Path, retrieval_dir: Path) -> Path:
     """Both datasets prepared once (array_record) for the read-back tests."""
     out = tmp_path_factory.mktemp("tfds_data")
-    tb.scene_source("custom", out, scene_dir)
-    tb.retrieval_source("custom", out, retrieval_dir)
+    tp.scene_source("custom", out, scene_dir)
+    tp.retrieval_source("custom", out, retrieval_dir)
     return out
-
-
-# ----------------------------------------------------------------------------- split rule
-
-
-@pytest.mark.parametrize(("n", "fraction", "expected"), [
-    (20, 0.8, (16, 4)), (7, 0.8, (5, 2)), (13, 0.8, (10, 3)), (1, 0.8, (0, 1)), (0, 0.8, (0, 0)),
-    (35, 0.8, (28, 7)),  # 0.8 * 35 = 28.000000000000004 in floats
-    (100, 0.29, (29, 71)),  # 0.29 * 100 = 28.999999999999996 in floats: a naive floor gives 28
-    (10, 0.7, (7, 3)), (3, 1.0, (3, 0)), (3, 0.0, (0, 3)),
-])
-def test_split_counts_floor_on_decimal_fraction(n: int, fraction: float, expected: tuple[int, int]) -> None:
-    assert tb.split_counts(n, fraction) == expected
-
-
-def test_split_counts_rejects_fraction_outside_unit_interval() -> None:
-    with pytest.raises(ValueError, match="train_fraction"):
-        tb.split_counts(10, 1.2)
-
-
-def test_listing_sorts_by_code_point_and_skips_junk(scene_dir: Path) -> None:
-    listing = tb.list_scene_classes(scene_dir)
-    assert list(listing) == ["farmland", "forest", "meadow", "residential"]
-    assert listing["forest"] == FOREST_SORTED
-    assert {k: len(v) for k, v in listing.items()} == CLASS_SIZES
 
 
 # ----------------------------------------------------------------------------- scenes
 
 
+def test_listing_sorts_by_code_point_and_skips_junk(scene_dir: Path) -> None:
+    split = splits.split_scene_folder(scene_dir)
+    assert split.classes == ["farmland", "forest", "meadow", "residential"]
+    assert [rel for rel, label in split.train + split.test if label == 1] == [f"forest/{f}" for f in FOREST_SORTED]
+    sizes = {c: sum(1 for _, label in split.train + split.test if label == i) for i, c in enumerate(split.classes)}
+    assert sizes == CLASS_SIZES
+
+
 def test_scene_split_is_exact_per_class(data_dir: Path, scene_dir: Path) -> None:
-    sources = tb.scene_source("custom", data_dir, split=None)  # prepared: no manual_dir needed
+    sources = tp.scene_source("custom", data_dir, split=None)  # prepared: no manual_dir needed
     assert set(sources) == {"train", "test"}
-    names = tb.class_names(sources["train"])
+    names = tp.class_names(sources["train"])
     assert names == ["farmland", "forest", "meadow", "residential"]
     got: dict[str, list[str]] = {}
     for split, src in sources.items():
@@ -168,16 +156,17 @@ def test_scene_split_is_exact_per_class(data_dir: Path, scene_dir: Path) -> None
 
 
 def test_scene_images_decode_to_rgb_uint8_with_original_pixels(data_dir: Path, scene_dir: Path) -> None:
-    sources = tb.scene_source("custom", data_dir, split=None)
-    raw = tb.scene_source("custom", data_dir, split=None, decoders={"image": tfds.decode.SkipDecoding()})
+    sources = tp.scene_source("custom", data_dir, split=None)
+    raw = tp.scene_source("custom", data_dir, split=None, decoders={"image": tfds.decode.SkipDecoding()})
     for split in ("train", "test"):
         for i in range(len(sources[split])):
             rec, enc = sources[split][i], raw[split][i]
             path = scene_dir / rec["filename"].decode()
             assert rec["image"].dtype == np.uint8 and rec["image"].ndim == 3 and rec["image"].shape[2] == 3
             # Grayscale, RGBA, palette and TIFF become RGB PNGs with the same RGB pixels; RGB
-            # JPEG/PNG files are stored byte for byte.
+            # JPEG/PNG files are stored byte for byte. Either way the evaluator's reader agrees.
             np.testing.assert_array_equal(rec["image"], _pixels(path))
+            np.testing.assert_array_equal(rec["image"], np.asarray(load_image(path)))
             passthrough = path.suffix in (".png", ".jpg") and _mode(path) == "RGB"
             assert (enc["image"] == path.read_bytes()) == passthrough, path
 
@@ -199,7 +188,7 @@ def test_scene_source_feeds_grain(data_dir: Path) -> None:
 
 
 def test_train_fraction_gets_its_own_config(tmp_path: Path, scene_dir: Path) -> None:
-    src = tb.scene_source("custom", tmp_path, scene_dir, split=None, train_fraction=0.5)
+    src = tp.scene_source("custom", tmp_path, scene_dir, split=None, train_fraction=0.5)
     assert src["train"].dataset_info.config_name == "custom_train50"
     # floor(0.5 n) per class: 10 + 3 + 6 + 0
     assert (len(src["train"]), len(src["test"])) == (19, 22)
@@ -210,7 +199,7 @@ def test_train_fraction_gets_its_own_config(tmp_path: Path, scene_dir: Path) -> 
 
 
 def test_retrieval_splits_captions_and_ids_follow_the_json(data_dir: Path, retrieval_dir: Path) -> None:
-    sources = tb.retrieval_source("custom", data_dir, split=None)
+    sources = tp.retrieval_source("custom", data_dir, split=None)
     assert set(sources) == {"train", "val", "test"}
     images = json.loads((retrieval_dir / "dataset_fixture.json").read_text())["images"]
     for split, src in sources.items():
@@ -233,13 +222,13 @@ def test_retrieval_errors_name_the_problem(tmp_path: Path, retrieval_dir: Path) 
     data["images"][3]["filename"] = "missing.jpg"
     (manual / "dataset_fixture.json").write_text(json.dumps(data))
     with pytest.raises(tb.ManualDirError, match=r"images/missing\.jpg"):
-        tb.retrieval_source("custom", tmp_path / "d1", manual)
+        tp.retrieval_source("custom", tmp_path / "d1", manual)
     data["images"][3] = dict(data["images"][2])
     (manual / "dataset_fixture.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="imgid 2 appears twice"):
-        tb.retrieval_source("custom", tmp_path / "d2", manual)
+        tp.retrieval_source("custom", tmp_path / "d2", manual)
     with pytest.raises(tb.ManualDirError, match="dataset_rsicd.json"):
-        tb.retrieval_source("rsicd", tmp_path / "d3", manual)
+        tp.retrieval_source("rsicd", tmp_path / "d3", manual)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -248,11 +237,11 @@ def test_retrieval_errors_name_the_problem(tmp_path: Path, retrieval_dir: Path) 
 def test_missing_manual_dir_is_named(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_download"
     with pytest.raises(tb.ManualDirError, match=str(missing)):
-        tb.scene_source("aid", tmp_path / "data", missing)
+        tp.scene_source("aid", tmp_path / "data", missing)
     with pytest.raises(tb.ManualDirError, match="not prepared.*no manual_dir"):
-        tb.scene_source("aid", tmp_path / "data")
+        tp.scene_source("aid", tmp_path / "data")
     with pytest.raises(tb.ManualDirError, match=str(missing)):
-        tb.list_scene_classes(missing)
+        tb.scene_split(missing)
 
 
 def test_empty_class_folder_is_named(tmp_path: Path, scene_dir: Path) -> None:
@@ -260,20 +249,20 @@ def test_empty_class_folder_is_named(tmp_path: Path, scene_dir: Path) -> None:
     shutil.copytree(scene_dir, manual)
     (manual / "wetland").mkdir()
     (manual / "wetland" / "readme.txt").write_text("images were not downloaded")
-    with pytest.raises(tb.ManualDirError, match=f"class folder {manual / 'wetland'} has no images"):
-        tb.scene_source("custom", tmp_path / "data", manual)
+    with pytest.raises(tb.ManualDirError, match=f"{manual / 'wetland'}: class folder has no images"):
+        tp.scene_source("custom", tmp_path / "data", manual)
     assert not list((tmp_path / "data" / "remoteclip_scenes" / "custom").iterdir())  # nothing half-written
 
 
 def test_class_count_mismatch_and_corrupt_image(tmp_path: Path, scene_dir: Path) -> None:
     with pytest.raises(tb.ManualDirError, match="whurs19: expected 19 class folders.*found 4"):
-        tb.scene_source("whurs19", tmp_path / "data", scene_dir)
+        tp.scene_source("whurs19", tmp_path / "data", scene_dir)
     manual = tmp_path / "manual"
     shutil.copytree(scene_dir, manual)
     bad = manual / "meadow" / "zz_truncated.png"
     bad.write_bytes((manual / "farmland" / min(os.listdir(manual / "farmland"))).read_bytes()[:60])
     with pytest.raises(ValueError, match="zz_truncated.png"):
-        tb.scene_source("custom", tmp_path / "data", manual)
+        tp.scene_source("custom", tmp_path / "data", manual)
 
 
 # ----------------------------------------------------------------------------- no TensorFlow
@@ -282,9 +271,9 @@ def test_class_count_mismatch_and_corrupt_image(tmp_path: Path, scene_dir: Path)
 def test_build_and_read_without_tensorflow(tmp_path: Path, scene_dir: Path, retrieval_dir: Path) -> None:
     """Build in one TF-less process, then read by name in another that never imports rsclip_jax."""
     build = NO_TF_PRELUDE + textwrap.dedent(f"""
-        from rsclip_jax.data import tfds_builders as tb
-        s = tb.scene_source("custom", {str(tmp_path)!r}, {str(scene_dir)!r}, split="train")
-        r = tb.retrieval_source("custom", {str(tmp_path)!r}, {str(retrieval_dir)!r}, split="val")
+        from rsclip_jax.data import tfds_prepared as tp
+        s = tp.scene_source("custom", {str(tmp_path)!r}, {str(scene_dir)!r}, split="train")
+        r = tp.retrieval_source("custom", {str(tmp_path)!r}, {str(retrieval_dir)!r}, split="val")
         assert (len(s), len(r)) == (31, 9), (len(s), len(r))
         assert s[0]["image"].shape[2] == 3 and len(r[0]["captions"]) == 5
         assert "tensorflow" not in sys.modules
@@ -306,3 +295,83 @@ def test_build_and_read_without_tensorflow(tmp_path: Path, scene_dir: Path, retr
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                               check=False, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
         assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- rebuilds
+
+
+def _test_files(data: Path) -> list[str]:
+    src = tp.scene_source("custom", data, split="test")
+    return [src[i]["filename"].decode() for i in range(len(src))]
+
+
+def test_custom_scenes_rebuild_when_the_source_changes(tmp_path: Path, scene_dir: Path) -> None:
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    shutil.copytree(scene_dir, manual)
+    prepare = lambda: tp.prepare_dataset("scenes", "custom", data, manual)  # noqa: E731
+    assert prepare().action == "built"
+    assert prepare().action == "reused"
+    (manual / "meadow" / "more_notes.txt").write_text("not an image")  # junk is not part of the dataset
+    assert prepare().action == "reused"
+
+    first = sorted(os.listdir(manual / "farmland"))[0]
+    shutil.copy(manual / "farmland" / first, manual / "farmland" / "zz_added.png")  # added: 21 -> 16/5
+    p = prepare()
+    assert (p.action, p.split_sizes) == ("rebuilt", {"train": 31, "test": 11})
+    assert "farmland/zz_added.png" in _test_files(data)
+
+    (manual / "farmland" / "zz_added.png").unlink()  # removed
+    p = prepare()
+    assert (p.action, p.split_sizes) == ("rebuilt", {"train": 31, "test": 10})
+    assert "farmland/zz_added.png" not in _test_files(data)
+
+    target = manual / "meadow" / sorted(os.listdir(manual / "meadow"))[-2]  # modified: a test image, flipped
+    with Image.open(target) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clearly later mtime on any filesystem
+    assert prepare().action == "rebuilt"
+    src = tp.scene_source("custom", data, split="test")
+    rec = next(src[i] for i in range(len(src)) if src[i]["filename"].decode() == f"meadow/{target.name}")
+    np.testing.assert_array_equal(rec["image"], _pixels(target))
+
+    assert tp.prepare_dataset("scenes", "custom", data).action == "reused"  # no source given: used as it is
+    assert not [p.name for p in (data / "remoteclip_scenes" / "custom").iterdir() if p.name != "1.1.0"]
+
+
+def test_failed_rebuild_keeps_the_previous_copy(tmp_path: Path, scene_dir: Path) -> None:
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    shutil.copytree(scene_dir, manual)
+    tp.prepare_dataset("scenes", "custom", data, manual)
+    good = (manual / "farmland" / min(os.listdir(manual / "farmland"))).read_bytes()
+    (manual / "meadow" / "zz_truncated.png").write_bytes(good[:60])
+    with pytest.raises(ValueError, match="zz_truncated.png"):
+        tp.prepare_dataset("scenes", "custom", data, manual)
+    assert len(_test_files(data)) == 10  # the old copy, in place and readable
+    assert [p.name for p in (data / "remoteclip_scenes" / "custom").iterdir()] == ["1.1.0"]
+
+
+def test_retrieval_rebuilds_when_its_json_changes(tmp_path: Path, retrieval_dir: Path) -> None:
+    manual, data = tmp_path / "manual", tmp_path / "data"
+    shutil.copytree(retrieval_dir, manual)
+    assert tp.prepare_dataset("retrieval", "custom", data, manual).action == "built"
+    js = manual / "dataset_fixture.json"
+    entries = json.loads(js.read_text())
+    entries["images"][3]["sentences"][0]["raw"] = "An edited caption ."
+    js.write_text(json.dumps(entries))
+    assert tp.prepare_dataset("retrieval", "custom", data, manual).action == "rebuilt"
+    assert tp.retrieval_source("custom", data, split="test")[0]["captions"][0] == b"An edited caption ."
+
+
+def test_16_bit_images_are_stored_as_the_evaluator_reads_them(tmp_path: Path) -> None:
+    manual = tmp_path / "manual"
+    for cls in ("forest", "meadow"):
+        (manual / cls).mkdir(parents=True)
+        for f in sorted(os.listdir(SCENES / cls))[:2]:
+            shutil.copy(SCENES / cls / f, manual / cls / f)
+    ramp = (np.arange(32 * 40, dtype=np.uint16).reshape(32, 40) * 37 + 1000).astype(np.uint16)
+    Image.fromarray(ramp).save(manual / "meadow" / "z16.tif")  # mode I;16: percentile-stretched by to_rgb
+    src = tp.scene_source("custom", tmp_path / "data", manual, split="test")
+    rec = next(src[i] for i in range(len(src)) if src[i]["filename"].decode() == "meadow/z16.tif")
+    np.testing.assert_array_equal(rec["image"], np.asarray(load_image(manual / "meadow" / "z16.tif")))
+    assert rec["image"].min() == 0 and rec["image"].max() == 255

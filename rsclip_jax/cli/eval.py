@@ -2,6 +2,7 @@
 
     rsclip eval --checkpoint CKPT --task retrieval --karpathy-json FILE --images DIR --out report.json
     rsclip eval --checkpoint CKPT --task zeroshot --task knn --scenes DIR --out report.json
+    rsclip eval --checkpoint CKPT --task knn --scenes tfds:PREPARED_DIR --out report.json   (rsclip data tfds)
     rsclip eval --checkpoint CKPT --suite remoteclip --data-dir data/samples --out runs/eval/report.json
     rsclip eval --suite remoteclip-paper --weights-dir WEIGHTS --data-dir DATA --out paper/report.json
 
@@ -34,9 +35,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--data-dir", help="suite data: retrieval/, scenes/, counting/ (docs/evaluation.md)")
     g.add_argument("--weights-dir", help="remoteclip-paper: folder of released checkpoints")
     g = p.add_argument_group("task data")
-    g.add_argument("--scenes", help="folder-per-class scene dataset (zeroshot, linear_probe, knn, fewshot)")
+    g.add_argument("--scenes", help="folder-per-class scene dataset (zeroshot, linear_probe, knn, fewshot), or "
+                   "tfds:DIR, a scene dataset prepared by `rsclip data tfds` (docs/tfds.md)")
     g.add_argument("--dataset-name", default=None, help="name of --scenes (selects bundled class names, e.g. AID)")
-    g.add_argument("--karpathy-json", help="retrieval: Karpathy-format dataset_*.json")
+    g.add_argument("--karpathy-json", help="retrieval: Karpathy-format dataset_*.json, or tfds:DIR, a Karpathy "
+                   "dataset prepared by `rsclip data tfds` (then no --images)")
     g.add_argument("--images", help="retrieval: image folder (default: images/ beside the JSON)")
     g.add_argument("--split", default="test", help="retrieval: Karpathy split")
     g.add_argument("--counting-json", help="counting: JSON (docs/evaluation.md)")

@@ -4,20 +4,24 @@ Two builders read a manual-download directory and write **array_record** files t
 `tfds.data_source` opens for random access (and `grain.MapDataset.source` wraps):
 
 - `RemoteclipScenes`: folder-per-class scene classification (`<manual_dir>/<class>/<image>`),
-  split per class by RemoteCLIP's 8:2 rule. One config per zero-shot dataset, plus `custom`.
+  split by `rsclip_jax.data.splits` (the evaluator's rule: official train/ and test/ folders,
+  else RemoteCLIP's per-class 8:2). One config per zero-shot dataset, plus `custom`.
 - `RemoteclipRetrieval`: Karpathy-JSON image-text retrieval (RSICD, RSITMD, UCM, custom),
   split by each image's `split` field.
 
-`scene_source` / `retrieval_source` build a dataset once and return its data source.
+Each build records the fingerprint of its source files, so a changed source is rebuilt.
+`rsclip_jax.data.tfds_prepared` builds them (`rsclip data tfds`) and reads them back.
 See docs/tfds.md for the layouts, the split rule and what works without TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,13 +31,12 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
-DEFAULT_TRAIN_FRACTION = 0.8
+from rsclip_jax.data.splits import DEFAULT_TRAIN_FRACTION, SceneFolderError, SceneSplit, split_counts, split_scene_folder
+from rsclip_jax.preprocess import to_rgb
+
 # Encoded bytes in these formats are stored untouched when the image is already 8-bit RGB:
 # the pixels a reader decodes are exactly the original ones, and nothing is re-compressed.
 _PASSTHROUGH_FORMATS = frozenset({"JPEG", "PNG"})
-# 8-bit modes that convert to RGB without losing meaning (alpha is dropped, palettes expanded).
-_CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr"})
 
 
 class ManualDirError(FileNotFoundError):
@@ -43,58 +46,21 @@ class ManualDirError(FileNotFoundError):
 # ----------------------------------------------------------------------------- helpers
 
 
-def split_counts(n: int, train_fraction: float = DEFAULT_TRAIN_FRACTION) -> tuple[int, int]:
-    """Return `(n_train, n_test)` for a class with `n` images.
-
-    `n_train = floor(train_fraction * n)`, computed on the fraction's decimal value
-    (`Fraction(str(f))`) so that binary rounding never moves an image: 0.29 * 100 is
-    28.999999999999996 in floating point but gives exactly 29 here.
-    """
-    if not 0.0 <= train_fraction <= 1.0:
-        raise ValueError(f"train_fraction must be in [0, 1], got {train_fraction}")
-    n_train = int(Fraction(str(train_fraction)) * n)  # int() floors a non-negative Fraction
-    return n_train, n - n_train
-
-
-def _is_image_file(path: Path) -> bool:
-    # Names starting with "." include macOS "._x.jpg" AppleDouble files, which are not images.
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def list_scene_classes(root: Path) -> dict[str, list[str]]:
-    """Map each class folder under `root` (sorted by name) to its image file names (sorted).
-
-    Sorting is plain Python string order (code points), so `img_10.jpg` sorts before
-    `img_2.jpg`, exactly as `sorted(os.listdir(...))` does.
-
-    Raises:
-        ManualDirError: `root` is missing, has no class folders, or a class folder has no images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ManualDirError(f"manual directory {root} does not exist; put one folder per class in it "
-                             f"(<manual_dir>/<class>/<image>) and pass it as manual_dir")
-    classes = sorted(p.name for p in root.iterdir()
-                     if p.is_dir() and not p.name.startswith(".") and p.name != "__MACOSX")
-    if not classes:
-        raise ManualDirError(f"manual directory {root} has no class folders; expected <manual_dir>/<class>/<image>")
-    out: dict[str, list[str]] = {}
-    for name in classes:
-        files = sorted(p.name for p in (root / name).iterdir() if _is_image_file(p))
-        if not files:
-            raise ManualDirError(f"class folder {root / name} has no images "
-                                 f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); "
-                                 "remove it or fill it — an empty class would change the label set")
-        out[name] = files
-    return out
+def scene_split(root: Path, train_fraction: float = DEFAULT_TRAIN_FRACTION) -> SceneSplit:
+    """`rsclip_jax.data.splits.split_scene_folder`, with its errors raised as `ManualDirError`."""
+    try:
+        return split_scene_folder(root, train_fraction)
+    except SceneFolderError as e:
+        raise ManualDirError(str(e)) from None
 
 
 def encode_image(path: Path) -> bytes:
-    """Return encoded bytes of `path` that TFDS's numpy decoder turns into a (H, W, 3) uint8 array.
+    """Return encoded bytes of `path` that decode to the RGB pixels the evaluator reads from the file.
 
-    8-bit RGB JPEG/PNG files pass through byte for byte. Anything else (TIFF, BMP, grayscale,
-    palette, RGBA, CMYK) is converted to RGB and re-encoded as lossless PNG, because TFDS decodes
-    with `np.asarray(PIL.Image.open(...))` and would otherwise return 2-D or 4-channel arrays.
+    8-bit RGB JPEG/PNG files pass through byte for byte. Anything else (TIFF, BMP, GIF, WebP,
+    grayscale, palette, RGBA, CMYK, 16-bit) is converted by `rsclip_jax.preprocess.to_rgb`, the
+    conversion `load_image` applies to the file, and stored as lossless PNG. TFDS decodes with
+    `np.asarray(PIL.Image.open(...))` and would otherwise return 2-D or 4-channel arrays.
     The image is fully decoded here so a truncated or corrupt file fails the build, naming it.
     """
     data = path.read_bytes()
@@ -103,13 +69,26 @@ def encode_image(path: Path) -> bytes:
             im.load()
             if im.format in _PASSTHROUGH_FORMATS and im.mode == "RGB":
                 return data
-            if im.mode not in _CONVERTIBLE_MODES:
-                raise ValueError(f"mode {im.mode} is not 8-bit; convert the dataset to 8-bit RGB first")
             buf = io.BytesIO()
-            im.convert("RGB").save(buf, format="PNG")
+            to_rgb(im).save(buf, format="PNG")
             return buf.getvalue()
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise ValueError(f"cannot use image {path}: {e}") from e
+
+
+def files_fingerprint(root: Path, rels: Iterable[str]) -> str:
+    """sha256 over (relative path, size, mtime) of each file; a missing file counts as such.
+
+    Stored with a prepared dataset, so a later call with a changed source folder rebuilds it.
+    """
+    h = hashlib.sha256()
+    for rel in rels:
+        try:
+            st = (root / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+    return h.hexdigest()
 
 
 def _image_feature() -> tfds.features.Image:
@@ -119,12 +98,17 @@ def _image_feature() -> tfds.features.Image:
     return tfds.features.Image(shape=(None, None, 3), dtype=np.uint8)
 
 
-class _ModuleCodePath:
-    """Mixin: report this file as the builders' code path.
+class _SourceTracking:
+    """Mixin: report this file as the builders' code path, and record the source of a build.
 
     tfds 4.9.10's `DatasetBuilder.code_path` does `isinstance(path, importlib_resources.abc.Traversable)`
     for builders defined inside a package, but `importlib_resources` is only a dependency on
     Python < 3.9, so without this override the build dies with "No module named 'importlib_resources'".
+
+    Each build stores `source` (the manual directory) and `source_fingerprint` in the dataset's
+    metadata.json. Each builder's `source_fingerprint(root)` fingerprints the files a build from
+    `root` reads (`files_fingerprint`), and `tfds_prepared.prepare_dataset` rebuilds a dataset
+    whose stored fingerprint differs from its source folder's current one.
     """
 
     @tfds.core.utils.classproperty
@@ -132,15 +116,13 @@ class _ModuleCodePath:
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
 
+    def _record_source(self, root: Path, fingerprint: str, **extra: Any) -> None:
+        self.info.metadata.update(source=str(root.resolve()), source_fingerprint=fingerprint, **extra)
 
-def _expand(path: str | Path) -> str:
-    return str(Path(path).expanduser())  # tfds/epath do not expand "~"
 
-
-def _download_config(manual_dir: str | Path | None) -> tfds.download.DownloadConfig:
-    # try_download_gcs=False: a builder named like a hosted dataset must never fetch prepared data.
-    return tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir),
-                                        try_download_gcs=False)
+def expand_user(path: str | Path) -> str:
+    """`path` with "~" expanded (tfds and epath do not expand it)."""
+    return str(Path(path).expanduser())
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -179,11 +161,16 @@ _SCENE_DATASETS: tuple[tuple[str, str, int, str], ...] = (
 )
 
 
-class RemoteclipScenes(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
-    """Folder-per-class scene classification with RemoteCLIP's per-class 8:2 split."""
+class RemoteclipScenes(_SourceTracking, tfds.core.GeneratorBasedBuilder):
+    """Folder-per-class scene classification, split by `rsclip_jax.data.splits.split_scene_folder`
+    (official train/ and test/ folders, else RemoteCLIP's per-class 8:2 rule)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Per-class name-sorted split, first floor(f*n) files to train."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Per-class name-sorted split, first floor(f*n) files to train.",
+        "1.1.0": "The evaluator's split rule (official train/ and test/ folders honoured) and image types; "
+                 "non-RGB images converted as the evaluator reads them; source fingerprint in metadata.json.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the dataset and pass manual_dir=<the folder that holds one folder per class>. "
         "Each config's description gives the layout of the official download.")
@@ -192,6 +179,7 @@ class RemoteclipScenes(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
                     description=f"{title}: {n} classes; manual_dir is the folder that holds them ({layout}).")
         for name, title, n, layout in _SCENE_DATASETS
     ] + [SceneConfig(name="custom", description="Any folder-per-class dataset: <manual_dir>/<class>/<image>.")]
+
     def _info(self) -> tfds.core.DatasetInfo:
         # Class names come from the manual directory, known only in _split_generators; they are
         # set there, written next to the data (label.labels.txt) and restored from it on read.
@@ -205,29 +193,35 @@ class RemoteclipScenes(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
             # No hash shuffle at write time: records are stored in key order, and the keys are the
             # positions in the (class, file name) listing, so index i of a split is its i-th image.
             disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),  # source, source_fingerprint, split_rule, train_fraction
         )
+
+    def source_fingerprint(self, root: Path) -> str:
+        """Fingerprint of the images a build from `root` reads (paths, sizes, mtimes) and its split rule."""
+        return _scene_fingerprint(scene_split(root, self.builder_config.train_fraction))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         cfg: SceneConfig = self.builder_config
         root = Path(dl_manager.manual_dir)
-        classes = list_scene_classes(root)
-        if cfg.num_classes is not None and len(classes) != cfg.num_classes:
+        split = scene_split(root, cfg.train_fraction)
+        if cfg.num_classes is not None and len(split.classes) != cfg.num_classes:
             raise ManualDirError(
-                f"{cfg.name}: expected {cfg.num_classes} class folders in {root}, found {len(classes)} "
-                f"({', '.join(list(classes)[:8])}{', ...' if len(classes) > 8 else ''}); "
+                f"{cfg.name}: expected {cfg.num_classes} class folders in {root}, found {len(split.classes)} "
+                f"({', '.join(split.classes[:8])}{', ...' if len(split.classes) > 8 else ''}); "
                 f"layout: {cfg.manual_layout}")
-        self.info.features["label"].names = list(classes)
-        train: list[tuple[str, int]] = []
-        test: list[tuple[str, int]] = []
-        for label, (name, files) in enumerate(classes.items()):
-            n_train, _ = split_counts(len(files), cfg.train_fraction)
-            train += [(f"{name}/{f}", label) for f in files[:n_train]]
-            test += [(f"{name}/{f}", label) for f in files[n_train:]]
-        return {"train": self._generate_examples(root, train), "test": self._generate_examples(root, test)}
+        self.info.features["label"].names = split.classes
+        self._record_source(root, _scene_fingerprint(split), split_rule=split.rule,
+                            train_fraction=cfg.train_fraction)
+        return {"train": self._generate_examples(root, split.train),
+                "test": self._generate_examples(root, split.test)}
 
     def _generate_examples(self, root: Path, items: list[tuple[str, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
         for key, (rel, label) in enumerate(items):
             yield key, {"image": encode_image(root / rel), "label": label, "filename": rel}
+
+
+def _scene_fingerprint(split: SceneSplit) -> str:
+    return files_fingerprint(split.root, [split.rule, *(rel for rel, _ in split.train + split.test)])
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -246,11 +240,14 @@ class RetrievalConfig(tfds.core.BuilderConfig):
     image_dirs: tuple[str, ...] = ("images", "imgs")
 
 
-class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
+class RemoteclipRetrieval(_SourceTracking, tfds.core.GeneratorBasedBuilder):
     """Karpathy-JSON image-text retrieval: splits, captions and ids exactly as the JSON has them."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Splits from the JSON's `split` field; captions are sentences[i].raw."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "Splits from the JSON's `split` field; captions are sentences[i].raw.",
+        "1.1.0": "Non-RGB images converted as the evaluator reads them; source fingerprint in metadata.json.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass manual_dir=<folder with the Karpathy dataset_*.json and the images folder>.")
     BUILDER_CONFIGS: ClassVar[list[tfds.core.BuilderConfig]] = [
@@ -262,6 +259,7 @@ class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
                         description="UCM-Captions: dataset.json + imgs/ (2,100 images, 5 captions each)."),
         RetrievalConfig(name="custom", description="Any Karpathy-format dataset_*.json + images/ (or imgs/)."),
     ]
+
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
@@ -271,9 +269,11 @@ class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
                 "imgid": np.int64,
             }),
             disable_shuffling=True,  # keys are JSON positions: index i is the split's i-th JSON entry
+            metadata=tfds.core.MetadataDict(),  # source, source_fingerprint, annotations
         )
 
-    def _locate(self, root: Path) -> tuple[Path, Path]:
+    def _locate(self, root: Path) -> tuple[Path, Path, list[dict]]:
+        """(annotation JSON, images folder, the JSON's image entries)."""
         cfg: RetrievalConfig = self.builder_config
         if not root.is_dir():
             raise ManualDirError(f"manual directory {root} does not exist; it should hold {cfg.json_glob} "
@@ -282,14 +282,19 @@ class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
         if len(found) != 1:
             raise ManualDirError(f"{cfg.name}: expected exactly one {cfg.json_glob} in {root}, "
                                  f"found {[p.name for p in found] or 'none'}")
-        for d in cfg.image_dirs:
-            if (root / d).is_dir():
-                return found[0], root / d
-        raise ManualDirError(f"{cfg.name}: no image folder in {root}; tried {list(cfg.image_dirs)}")
+        image_dir = next((root / d for d in cfg.image_dirs if (root / d).is_dir()), None)
+        if image_dir is None:
+            raise ManualDirError(f"{cfg.name}: no image folder in {root}; tried {list(cfg.image_dirs)}")
+        return found[0], image_dir, json.loads(found[0].read_text())["images"]
+
+    def source_fingerprint(self, root: Path) -> str:
+        """Fingerprint of the JSON and the images it lists (paths, sizes, mtimes) under `root`."""
+        json_path, image_dir, images = self._locate(root)
+        return _retrieval_fingerprint(root, json_path, image_dir, images)
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
-        json_path, image_dir = self._locate(Path(dl_manager.manual_dir))
-        images = json.loads(json_path.read_text())["images"]
+        root = Path(dl_manager.manual_dir)
+        json_path, image_dir, images = self._locate(root)
         by_split: dict[str, list[dict]] = {}
         seen: set[int] = set()
         for item in images:
@@ -297,12 +302,13 @@ class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
                 raise ValueError(f"{json_path}: imgid {item['imgid']} appears twice")
             seen.add(item["imgid"])
             by_split.setdefault(item["split"], []).append(item)
+        self._record_source(root, _retrieval_fingerprint(root, json_path, image_dir, images),
+                            annotations=str(json_path.resolve()))
         return {split: self._generate_examples(image_dir, items) for split, items in sorted(by_split.items())}
 
     def _generate_examples(self, image_dir: Path, items: list[dict]) -> Iterator[tuple[int, dict[str, Any]]]:
         for key, item in enumerate(items):
-            # COCO-style Karpathy files add a `filepath` subfolder; the RS ones do not.
-            path = image_dir / item.get("filepath", "") / item["filename"]
+            path = image_dir / _entry_path(item)
             if not path.is_file():
                 raise ManualDirError(f"image {path} (imgid {item['imgid']}) listed in the JSON does not exist")
             yield key, {
@@ -313,67 +319,43 @@ class RemoteclipRetrieval(_ModuleCodePath, tfds.core.GeneratorBasedBuilder):
             }
 
 
-# ----------------------------------------------------------------------------- sources
+def _entry_path(item: dict) -> str:
+    # COCO-style Karpathy files add a `filepath` subfolder; the RS ones do not.
+    return os.path.join(item.get("filepath", ""), item["filename"])
 
 
-def _prepare_and_open(builder: tfds.core.DatasetBuilder, manual_dir: str | Path | None,
-                      split: str | None, decoders: dict | None) -> Any:
-    # Only touch the manual directory when the files are not there yet; a prepared data_dir
-    # is readable without the original download.
-    if not builder.is_prepared():
-        manual_dir = None if manual_dir is None else _expand(manual_dir)
-        if manual_dir is None:
-            raise ManualDirError(f"{builder.info.full_name} is not prepared in {builder.data_dir_root} "
-                                 "and no manual_dir was given to build it from")
-        if not Path(manual_dir).is_dir():  # tfds would raise a bare AssertionError for this
-            raise ManualDirError(f"manual directory {manual_dir} does not exist "
-                                 f"(needed to build {builder.name}/{builder.builder_config.name})")
-        builder.download_and_prepare(download_config=_download_config(manual_dir))
-    name = f"{builder.name}/{builder.builder_config.name}:{builder.version}"
-    return tfds.data_source(name, split=split, data_dir=builder.data_dir_root,
-                            decoders=decoders, download=False)
+def _retrieval_fingerprint(root: Path, json_path: Path, image_dir: Path, images: list[dict]) -> str:
+    folder = image_dir.relative_to(root)
+    return files_fingerprint(root, [json_path.name, *(str(folder / _entry_path(im)) for im in images)])
+
+
+# ----------------------------------------------------------------------------- builders by name
+
+
+def _config(builder: type[tfds.core.GeneratorBasedBuilder], name: str) -> tfds.core.BuilderConfig:
+    found = next((c for c in builder.BUILDER_CONFIGS if c.name == name), None)
+    if found is None:
+        raise ValueError(f"unknown {builder.name} config {name!r}; one of "
+                         f"{', '.join(c.name for c in builder.BUILDER_CONFIGS)}")
+    return found
 
 
 def scene_builder(name: str, data_dir: str | Path, *,
                   train_fraction: float = DEFAULT_TRAIN_FRACTION) -> RemoteclipScenes:
     """The scene builder for config `name`; a non-default `train_fraction` gets its own config
     (`<name>_train<percent>`, e.g. `aid_train70`), so differently split copies never share a directory."""
+    base = _config(RemoteclipScenes, name)
     if train_fraction == DEFAULT_TRAIN_FRACTION:
-        return RemoteclipScenes(config=name, data_dir=_expand(data_dir), file_format="array_record")
-    base = next((c for c in RemoteclipScenes.BUILDER_CONFIGS if c.name == name), None)
-    if base is None:
-        raise ValueError(f"unknown scene config {name!r}; one of {[c.name for c in RemoteclipScenes.BUILDER_CONFIGS]}")
+        return RemoteclipScenes(config=name, data_dir=expand_user(data_dir), file_format="array_record")
     split_counts(0, train_fraction)  # validates the range before anything is written
     # Config names must be Python identifiers for tfds' name parser: 0.755 -> "train75_5".
     percent = f"{float(Fraction(str(train_fraction)) * 100):g}".replace(".", "_")
     cfg = dataclasses.replace(base, name=f"{name}_train{percent}", train_fraction=train_fraction,
                               description=f"{base.description} train_fraction={train_fraction:g}.")
-    return RemoteclipScenes(config=cfg, data_dir=_expand(data_dir), file_format="array_record")
+    return RemoteclipScenes(config=cfg, data_dir=expand_user(data_dir), file_format="array_record")
 
 
-def scene_source(name: str, data_dir: str | Path, manual_dir: str | Path | None = None,
-                 split: str | None = "test", *, train_fraction: float = DEFAULT_TRAIN_FRACTION,
-                 decoders: dict | None = None) -> Any:
-    """Build scene dataset `name` into `data_dir` if needed; return its random-access data source.
-
-    Records are dicts: image (H, W, 3) uint8, label int, filename bytes (`<class>/<file>`).
-    Pass `decoders={"image": tfds.decode.SkipDecoding()}` to get the encoded image bytes instead.
-    `split=None` returns a dict of all splits. The result feeds `grain.MapDataset.source`.
-    """
-    builder = scene_builder(name, data_dir, train_fraction=train_fraction)
-    return _prepare_and_open(builder, manual_dir, split, decoders)
-
-
-def retrieval_source(name: str, data_dir: str | Path, manual_dir: str | Path | None = None,
-                     split: str | None = "test", *, decoders: dict | None = None) -> Any:
-    """Build retrieval dataset `name` into `data_dir` if needed; return its data source.
-
-    Records are dicts: image (H, W, 3) uint8, captions (list of bytes), filename bytes, imgid int.
-    """
-    builder = RemoteclipRetrieval(config=name, data_dir=_expand(data_dir), file_format="array_record")
-    return _prepare_and_open(builder, manual_dir, split, decoders)
-
-
-def class_names(source: Any) -> list[str]:
-    """The label names of a scene data source (folder names, in label order)."""
-    return list(source.dataset_info.features["label"].names)
+def retrieval_builder(name: str, data_dir: str | Path) -> RemoteclipRetrieval:
+    """The retrieval builder for config `name` (rsicd, rsitmd, ucm, custom)."""
+    _config(RemoteclipRetrieval, name)
+    return RemoteclipRetrieval(config=name, data_dir=expand_user(data_dir), file_format="array_record")

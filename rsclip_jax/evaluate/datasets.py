@@ -1,10 +1,13 @@
 """Evaluation datasets: folder-per-class scenes, Karpathy retrieval splits, counting JSON.
 
 * Scenes: `ROOT/<class>/<image>`; or, for datasets with an official split, `ROOT/train/<class>/`
-  and `ROOT/test/<class>/`. Without an official split RemoteCLIP's 8:2 rule applies: each class's
-  files sorted by name, the first floor(0.8 n) train, the rest test (at least one of each when the
-  class has two or more images).
+  and `ROOT/test/<class>/`. Which files are images and how they split is `rsclip_jax.data.splits`
+  (RemoteCLIP's 8:2 rule when there is no official split: each class's files sorted by name, the
+  first floor(0.8 n) train, the rest test), the rule the TFDS scene builder follows too.
 * Retrieval: a Karpathy `dataset_*.json` (`rsclip_jax.evaluate.retrieval`).
+* Prepared TFDS datasets (`rsclip data tfds`): a scene root or Karpathy JSON given as
+  `tfds:<dataset folder>` reads the records instead of files, with the same images, splits,
+  order and pixels as the folder they were built from, hence the same results.
 * Counting (RemoteCount style, the schema of `data/samples/counting/counting.json`, see
   docs/samples.md): `{"numbers": [1..10], "images_dir": "images", "caption_template": "There are
   {} trees in the picture .", "images": [{"filename": ..., "count": 3, "class_name": "tree",
@@ -23,13 +26,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import numpy as np
 
-from rsclip_jax.evaluate.retrieval import RetrievalSplit, load_karpathy_split
-from rsclip_jax.preprocess import IMAGE_EXTENSIONS
+from rsclip_jax.data.splits import DEFAULT_TRAIN_FRACTION, EmptyClassError, SceneFolderError, split_scene_folder
+from rsclip_jax.evaluate.retrieval import RetrievalSplit, capitalise, load_karpathy_split
 
-TRAIN_FRACTION = 0.8
+TFDS_PREFIX = "tfds:"  # a data path naming a dataset prepared by `rsclip data tfds`
 COUNT_RANGE = tuple(range(1, 11))
 
 
@@ -51,6 +55,7 @@ class SceneDataset:
     test_labels: np.ndarray
     split_rule: str  # "official" or "sorted 8:2"
     skipped: list[str] = field(default_factory=list)
+    reader: Any = field(default=None, repr=False, compare=False)  # non-file items (TFDS records); None: files
 
     @property
     def num_classes(self) -> int:
@@ -67,70 +72,73 @@ class SceneDataset:
         raise ValueError(f"unknown split {which!r}; expected train, test or all")
 
 
-def _images_in(folder: str) -> list[str]:
-    return sorted(f for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
-
-
-def _class_folders(root: str, skip_missing: bool, skipped: list[str], min_classes: int = 2) -> dict[str, list[str]]:
-    if not os.path.isdir(root):
-        raise DatasetError(f"{root}: no such dataset folder")
-    out = {}
-    for name in sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))):
-        files = _images_in(os.path.join(root, name))
-        if not files:
-            if not skip_missing:
-                raise DatasetError(f"{os.path.join(root, name)}: class folder has no images "
-                                   f"({', '.join(IMAGE_EXTENSIONS)}); remove it or pass --skip-missing")
-            skipped.append(os.path.join(root, name))
-            continue
-        out[name] = [os.path.join(root, name, f) for f in files]
-    if len(out) < min_classes:
-        raise DatasetError(f"{root}: a scene dataset needs at least two class folders with images, found {len(out)}")
-    return out
-
-
-def split_counts(n: int, train_fraction: float = TRAIN_FRACTION) -> int:
-    """Training images of a class of n: floor(f n), kept within [1, n - 1] when n >= 2."""
-    k = int(np.floor(train_fraction * n + 1e-9))
-    return min(max(k, 1), n - 1) if n >= 2 else n
+def is_tfds(path: str | os.PathLike | None) -> bool:
+    """Whether a data path names a prepared TFDS dataset (`tfds:<folder>`)."""
+    return os.fspath(path or "").startswith(TFDS_PREFIX)
 
 
 def load_scene_dataset(root: str, name: str | None = None, skip_missing: bool = False,
-                       train_fraction: float = TRAIN_FRACTION) -> SceneDataset:
-    """Reads a folder-per-class dataset and splits it (official train/test folders, else 8:2).
+                       train_fraction: float | None = None) -> SceneDataset:
+    """Reads a folder-per-class dataset and splits it (official train/test folders, else 8:2 or
+    `train_fraction`), or reads a prepared TFDS scene dataset (`root` = `tfds:<folder>`) with the
+    split it was prepared with (a given `train_fraction` must match it).
 
     Class names for prompts come from the bundled lists for the 12 known datasets (matched by
     `name`, else by the folder's name), otherwise from the folder names made readable.
     """
     root = os.fspath(root)
+    if is_tfds(root):
+        return _load_tfds_scenes(root, name, train_fraction)
     name = name or os.path.basename(os.path.normpath(root))
-    skipped: list[str] = []
-    official = all(os.path.isdir(os.path.join(root, s)) for s in ("train", "test"))
-    if official:
-        train = _class_folders(os.path.join(root, "train"), skip_missing, skipped, min_classes=1)
-        test = _class_folders(os.path.join(root, "test"), skip_missing, skipped, min_classes=1)
-        folders = sorted(set(train) | set(test))
-        for f in folders:
-            if f not in train or f not in test:
-                raise DatasetError(f"{root}: class {f!r} is in only one of train/ and test/")
-        if len(folders) < 2:
-            raise DatasetError(f"{root}: a scene dataset needs at least two classes, found {len(folders)}")
-    else:
-        classes = _class_folders(root, skip_missing, skipped)
-        folders = sorted(classes)
-        train, test = {}, {}
-        for f, files in classes.items():
-            k = split_counts(len(files), train_fraction)
-            train[f], test[f] = files[:k], files[k:]
-    tr = [(p, i) for i, f in enumerate(folders) for p in train[f]]
-    te = [(p, i) for i, f in enumerate(folders) for p in test[f]]
+    try:
+        fraction = DEFAULT_TRAIN_FRACTION if train_fraction is None else train_fraction
+        split = split_scene_folder(root, fraction, skip_empty=skip_missing)
+    except EmptyClassError as e:
+        raise DatasetError(f"{e}; or pass --skip-missing to leave it out") from None
+    except SceneFolderError as e:
+        raise DatasetError(str(e)) from None
+    if len(split.classes) < 2:
+        raise DatasetError(f"{root}: a scene dataset needs at least two class folders with images, "
+                           f"found {len(split.classes)}")
     return SceneDataset(
-        name=name, root=root, folders=folders, classnames=classnames_for(name, folders),
-        train_paths=[p for p, _ in tr], train_labels=np.array([i for _, i in tr], np.int32),
-        test_paths=[p for p, _ in te], test_labels=np.array([i for _, i in te], np.int32),
-        split_rule="official" if official else f"sorted {round(train_fraction * 10)}:{round(10 - train_fraction * 10)}",
-        skipped=skipped,
+        name=name, root=root, folders=split.classes, classnames=classnames_for(name, split.classes),
+        train_paths=[os.path.join(root, rel) for rel, _ in split.train],
+        train_labels=np.array([i for _, i in split.train], np.int32),
+        test_paths=[os.path.join(root, rel) for rel, _ in split.test],
+        test_labels=np.array([i for _, i in split.test], np.int32),
+        split_rule=split.rule, skipped=split.skipped,
+    )
+
+
+def _open_tfds(ref: str, builder: str) -> Any:
+    # tensorflow_datasets takes about a second to import; only tfds: inputs need it.
+    from rsclip_jax.data.tfds_prepared import PreparedDatasetError, open_prepared
+
+    try:
+        return open_prepared(ref[len(TFDS_PREFIX):], builder)
+    except (PreparedDatasetError, OSError) as e:
+        raise DatasetError(str(e)) from None  # the message names the folder
+
+
+def _load_tfds_scenes(ref: str, name: str | None, train_fraction: float | None) -> SceneDataset:
+    ds = _open_tfds(ref, "scenes")
+    meta = ds.metadata
+    official = meta.get("split_rule") == "official"
+    if train_fraction is not None and not official and meta.get("train_fraction") != train_fraction:
+        raise DatasetError(f"{ref}: prepared with train fraction {meta.get('train_fraction')}, not "
+                           f"{train_fraction}; prepare it again with --train-fraction {train_fraction}")
+    if len(ds.class_names) < 2:
+        raise DatasetError(f"{ref}: a scene dataset needs at least two classes, found {len(ds.class_names)}")
+    config = ds.config.split("_train")[0]  # "aid_train70" -> "aid"
+    name = name or (os.path.basename(meta["source"]) if config == "custom" and "source" in meta else config)
+    rows = {s: ds.records(s) for s in ("train", "test")}
+    return SceneDataset(
+        name=name, root=ref, folders=ds.class_names, classnames=classnames_for(name, ds.class_names),
+        train_paths=[r["item"] for r in rows["train"]],
+        train_labels=np.array([r["label"] for r in rows["train"]], np.int32),
+        test_paths=[r["item"] for r in rows["test"]],
+        test_labels=np.array([r["label"] for r in rows["test"]], np.int32),
+        split_rule=meta.get("split_rule", "unknown"), reader=ds.images,
     )
 
 
@@ -219,6 +227,37 @@ def load_retrieval(json_path: str, images_dir: str, split: str = "test",
     data = load_karpathy_split(json_path, images_dir, split)
     exists, missing = check_images(data.image_paths, json_path, skip_missing)
     return subset_retrieval(data, exists), missing
+
+
+def load_tfds_retrieval(ref: str, split: str = "test") -> tuple[RetrievalSplit, Any, str]:
+    """A split of a prepared TFDS Karpathy dataset (`tfds:<folder>`): the split as
+    `load_karpathy_split` reads it from the source JSON (captions stripped and capitalised), with
+    item names for paths, the reader of those items, and the dataset's name (the source JSON's)."""
+    ds = _open_tfds(ref, "retrieval")
+    if split not in ds.splits:
+        raise DatasetError(f"{ref}: no split {split!r}; it has {', '.join(ds.splits)}")
+    paths, texts, owner = [], [], []
+    for n, rec in enumerate(ds.records(split)):
+        if not rec["captions"]:
+            raise DatasetError(f"{ref}: {split}[{n}] ({rec['filename']}) has no captions")
+        paths.append(rec["item"])
+        texts += [capitalise(c.strip()) for c in rec["captions"]]
+        owner += [n] * len(rec["captions"])
+    if not paths:
+        raise DatasetError(f"{ref}: no images in split {split!r}")
+    custom = ds.config == "custom" and "annotations" in ds.metadata
+    name = name_from_path(ds.metadata["annotations"]) if custom else ds.config
+    return RetrievalSplit(paths, texts, np.asarray(owner, np.int64)), ds.images, name
+
+
+def name_from_path(path: str) -> str:
+    """A dataset's display name from its annotation file: '.../dataset_rsitmd.json' -> 'rsitmd';
+    a generic file name (dataset, counting, annotations) takes its folder's name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = stem.removeprefix("dataset_")
+    if stem in ("dataset", "counting", "annotations"):
+        stem = os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
+    return stem
 
 
 def subset_retrieval(data: RetrievalSplit, keep: np.ndarray) -> RetrievalSplit:

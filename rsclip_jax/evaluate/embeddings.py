@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,12 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from PIL import Image
 from tqdm import tqdm
 
 from rsclip_jax.models import CLIP
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
-from rsclip_jax.preprocess import ImageReadError, load_and_preprocess, normalize_images
+from rsclip_jax.preprocess import ImageReadError, load_image, normalize_images, preprocess_image
 from rsclip_jax.tokenizer import get_tokenizer
 
 # Bump when the preprocessing or the cache layout changes, so stale entries are never read.
@@ -68,6 +69,26 @@ def model_fingerprint(model: CLIP, state: Any = None) -> str:
         h.update(f"{jax.tree_util.keystr(path)}{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+class ImageReader(Protocol):
+    """Where `Extractor.images` gets its images: files (`FileReader`) or, e.g., TFDS records."""
+
+    def identity(self, item: str) -> Any:
+        """JSON-able cache identity of an item; it must change when the item's content does."""
+
+    def read(self, item: str) -> Image.Image:
+        """The item's image as RGB; raises `ImageReadError` naming the item."""
+
+
+class FileReader:
+    """Image files: identified by (absolute path, size, mtime), read by `load_image`."""
+
+    def identity(self, item: str) -> Any:
+        return _file_id(item)
+
+    def read(self, item: str) -> Image.Image:
+        return load_image(item)
 
 
 @dataclass(frozen=True)
@@ -137,18 +158,23 @@ class Extractor:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def images(self, paths: Sequence[str], skip_missing: bool = False) -> ImageEmbeddings:
+    def images(self, paths: Sequence[str], skip_missing: bool = False,
+               reader: ImageReader | None = None) -> ImageEmbeddings:
         """Embeds image files (the eval transform at the model's resolution).
+
+        `reader` reads items that are not files, e.g. the records of a prepared TFDS dataset
+        (`rsclip_jax.data.tfds_prepared.RecordImages`); `paths` are then its item names.
 
         Raises:
             ImageReadError: naming the first unreadable file, without `skip_missing`. It is raised
                 after the gather, on every host, so no host is left waiting in a collective.
         """
         paths = [os.fspath(p) for p in paths]
-        key = self._key("image", {"items": [_file_id(p) for p in paths], "image_size": self.image_size,
+        reader = reader or FileReader()
+        key = self._key("image", {"items": [reader.identity(p) for p in paths], "image_size": self.image_size,
                                   "preprocessing": PREPROCESSING})
         errors: dict[str, str] = {}
-        emb, valid = self._cached(key, lambda: self._run_images(paths, errors))
+        emb, valid = self._cached(key, lambda: self._run_images(paths, errors, reader))
         bad = [paths[i] for i in np.flatnonzero(~valid)]
         if bad and not skip_missing:
             raise ImageReadError(errors.get(bad[0], f"{bad[0]}: cannot read image") +
@@ -211,13 +237,14 @@ class Extractor:
         self._memo[key] = result
         return result
 
-    def _run_images(self, paths: list[str], errors: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    def _run_images(self, paths: list[str], errors: dict[str, str], reader: ImageReader,
+                    ) -> tuple[np.ndarray, np.ndarray]:
         """Unreadable images are masked out (this host records why in `errors`), never raised here."""
         size = self.image_size
         with ThreadPoolExecutor(self.num_threads) as pool:
             def decode(i: int) -> np.ndarray | None:
                 try:
-                    return load_and_preprocess(paths[i], size)
+                    return preprocess_image(reader.read(paths[i]), size)
                 except ImageReadError as e:
                     errors[paths[i]] = str(e)
                     return None

@@ -28,7 +28,7 @@ import jax
 from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.evaluate.registry import Task, TaskResult, make_task
 from rsclip_jax.models import CLIP
-from rsclip_jax.preprocess import IMAGE_EXTENSIONS
+from rsclip_jax.preprocess import is_image_name
 
 SCENE_TASKS = ("zeroshot", "linear_probe", "knn", "fewshot")
 ALL_TASKS = ("retrieval", *SCENE_TASKS, "counting")
@@ -124,7 +124,7 @@ def _subdirs(folder: str) -> list[str]:
 
 
 def _has_images(folder: str) -> bool:
-    return any(f.lower().endswith(IMAGE_EXTENSIONS) for f in os.listdir(folder))
+    return any(is_image_name(f) for f in os.listdir(folder))
 
 
 def _json_sets(folder: str, kind: str, key: str) -> list[dict[str, Any]]:

@@ -7,20 +7,24 @@ the same scene folder embed each image once) and returns metrics in percent.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from rsclip_jax.evaluate.counting import candidate_captions, counting_metrics
 from rsclip_jax.evaluate.datasets import (
+    DatasetError,
     SceneDataset,
     classnames_for,
+    is_tfds,
     load_classname_overrides,
     load_counting,
     load_retrieval,
     load_scene_dataset,
     load_templates,
+    load_tfds_retrieval,
+    name_from_path,
     subset_retrieval,
 )
 from rsclip_jax.evaluate.embeddings import Extractor
@@ -36,7 +40,10 @@ RECALL_CURVE_MAX_K = 50
 
 @dataclass(kw_only=True)
 class _SceneTask(Task):
-    """Options shared by the tasks on a folder-per-class scene dataset."""
+    """Options shared by the tasks on a folder-per-class scene dataset.
+
+    `root`: the folder, or `tfds:<folder>` for a scene dataset prepared by `rsclip data tfds`.
+    """
 
     root: str
     _data: Any = field(default=None, init=False, repr=False, compare=False)
@@ -50,7 +57,7 @@ class _SceneTask(Task):
     def embed(self, extractor: Extractor, which: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(features, labels, skipped paths) of a split; unreadable images dropped with their labels."""
         paths, labels = self.dataset().split(which)
-        emb = extractor.images(paths, self.skip_missing)
+        emb = extractor.images(paths, self.skip_missing, reader=self.dataset().reader)
         return emb.embeddings, labels[emb.kept], emb.skipped
 
     def info(self, skipped: list[str]) -> dict[str, Any]:
@@ -69,7 +76,8 @@ class _SceneTask(Task):
         return {"embeddings": x, "labels": y, "classnames": self.dataset().classnames}
 
     def config(self) -> dict[str, Any]:
-        return {k: v for k, v in super().config().items() if not k.startswith("_")}
+        # The options only: asdict would deep-copy the loaded dataset (a TFDS reader holds a lock).
+        return {"task": self.kind, **{f.name: getattr(self, f.name) for f in fields(self) if f.init}}
 
 
 @register("zeroshot")
@@ -153,7 +161,8 @@ class FewShot(LinearProbe):
 class Retrieval(Task):
     """Image-text retrieval on a Karpathy split with RemoteCLIP's semantics (`retrieval.py`).
 
-    `images` defaults to the `images/` folder beside the JSON.
+    `karpathy_json`: the JSON, or `tfds:<folder>` for a Karpathy dataset prepared by
+    `rsclip data tfds` (which holds its images). `images` defaults to the `images/` folder beside the JSON.
     """
 
     karpathy_json: str
@@ -161,10 +170,18 @@ class Retrieval(Task):
     split: str = "test"
 
     def run(self, extractor: Extractor) -> TaskResult:
-        images = self.images or os.path.join(os.path.dirname(self.karpathy_json), "images")
-        self.name = self.name or _stem(self.karpathy_json)
-        data, missing = load_retrieval(self.karpathy_json, images, self.split, self.skip_missing)
-        emb = extractor.images(data.image_paths, self.skip_missing)
+        reader, missing = None, []
+        if is_tfds(self.karpathy_json):
+            if self.images:
+                raise DatasetError(f"retrieval: an images folder ({self.images}, --images) goes with a JSON; "
+                                   f"{self.karpathy_json} holds its images, so leave it unset")
+            data, reader, name = load_tfds_retrieval(self.karpathy_json, self.split)
+            self.name = self.name or name
+        else:
+            images = self.images or os.path.join(os.path.dirname(self.karpathy_json), "images")
+            self.name = self.name or name_from_path(self.karpathy_json)
+            data, missing = load_retrieval(self.karpathy_json, images, self.split, self.skip_missing)
+        emb = extractor.images(data.image_paths, self.skip_missing, reader=reader)
         if emb.skipped:  # unreadable images leave with their captions
             keep = np.zeros(len(data.image_paths), bool)
             keep[emb.kept] = True
@@ -193,7 +210,7 @@ class Counting(Task):
     images: str | None = None
 
     def run(self, extractor: Extractor) -> TaskResult:
-        self.name = self.name or _stem(self.json)
+        self.name = self.name or name_from_path(self.json)
         data = load_counting(self.json, self.images, self.skip_missing)
         emb = extractor.images(data.image_paths, self.skip_missing)
         candidates = [candidate_captions(data.templates[i], data.numbers) for i in emb.kept]
@@ -207,10 +224,4 @@ class Counting(Task):
         return TaskResult(metrics)
 
 
-def _stem(path: str) -> str:
-    """'.../dataset_rsitmd.json' -> 'rsitmd'; a generic file name takes its folder's name."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    stem = stem.removeprefix("dataset_")
-    if stem in ("dataset", "counting", "annotations"):
-        stem = os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
-    return stem
+_stem = name_from_path  # the naming rule under its former name (evaluate/paper.py imports it)
