@@ -38,11 +38,49 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (--batch-size, --k, --top-k): an integer of 1 or more.
+
+    argparse reports a bad value as `argument --FLAG: ...` and exits before any work.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def check_output_path(path: str, flag: str) -> str:
+    """Checks, before any work, that the file `path` (given by `flag`) can be written; returns it.
+
+    The rule of every rsclip command: missing parent folders are created when the file is
+    written, so the path is fine when its nearest existing ancestor is a writable folder.
+
+    Raises:
+        ValueError: naming `flag` and the path, when it is a folder, or lies under a file or in a
+            folder that cannot be written.
+    """
+    if not path:
+        raise ValueError(f"{flag}: give a file name")
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {existing} (permission denied); choose another location")
+    return path
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="OpenCLIP/RemoteCLIP weights: .pt, .pth, .bin or .safetensors")
     p.add_argument("--model", default=None, help="architecture name (see `rsclip models`); default: inferred from the weights")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
 
 
 def load_model_from_args(args: argparse.Namespace) -> CLIP:

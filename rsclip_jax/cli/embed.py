@@ -6,11 +6,18 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from importlib import resources
 
 import numpy as np
 
-from rsclip_jax.cli.common import add_model_args, load_model_from_args, read_text_lines
+from rsclip_jax.cli.common import (
+    add_model_args,
+    check_output_path,
+    load_model_from_args,
+    positive_int,
+    read_text_lines,
+)
 from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.preprocess import expand_image_paths
 
@@ -22,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--images", nargs="+", default=[], help="image files or directories (expanded to their images, sorted)")
     p.add_argument("--texts", default=None, help="UTF-8 text file, one caption per line")
-    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--out", required=True,
+                   help="output .npz file ('.npz' is appended when the name lacks it; missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
     p.set_defaults(func=run_embed)
 
@@ -31,15 +39,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", help="image files or directories")
     p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "airport,forest,river"')
     p.add_argument("--templates", default=None, help=f"text file of prompt templates with {{}} (default: bundled {DEFAULT_TEMPLATES})")
-    p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--top-k", type=positive_int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--json", default=None,
+                   help="also write the results to this JSON file (missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
     p.set_defaults(func=run_classify)
+
+
+def npz_path(out: str) -> str:
+    """The file `--out` names: `out` itself when it ends in .npz (any case), else `out` + '.npz'."""
+    return out if out.lower().endswith(".npz") else out + ".npz"
+
+
+def _write_atomically(path: str, mode: str, write: Callable) -> None:
+    """Creates missing folders, calls `write(file)` on a temporary file beside `path`, renames it
+    into place: `path` is either absent, the old file or the whole new one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)  # a file object: numpy appends no .npz to the temporary name
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def run_embed(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("give --images, --texts or both")
+    out_path = check_output_path(npz_path(args.out), "--out")
     paths = expand_image_paths(args.images) if args.images else []
     texts = read_text_lines(args.texts) if args.texts else []
     extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
@@ -54,9 +83,8 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.texts:
         out.update(text_embeddings=extractor.texts(texts), texts=np.array(texts, dtype=str))
         print(f"embedded {len(texts)} texts", file=sys.stderr)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    np.savez(args.out, **out)
-    print(f"wrote {args.out}", file=sys.stderr)
+    _write_atomically(out_path, "wb", lambda f: np.savez(f, **out))
+    print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
 
@@ -74,10 +102,34 @@ def load_templates(path: str | None) -> list[str]:
     return templates
 
 
-def run_classify(args: argparse.Namespace) -> int:
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+def parse_labels(text: str) -> list[str]:
+    """The class names of `--labels "a,b,c"`, stripped.
+
+    Raises:
+        ValueError: naming --labels, for an empty name ("a,,b", a trailing comma), a name given
+            twice (compared as the tokenizer sees them: ignoring case and repeated spaces), or
+            fewer than two names.
+    """
+    labels = [" ".join(s.split()) for s in text.split(",")]
+    empty = [i for i, label in enumerate(labels, start=1) if not label]
+    if empty:
+        raise ValueError(f"--labels {text!r}: class name {empty[0]} of {len(labels)} is empty; "
+                         "give comma-separated names without empty entries")
+    first: dict[str, str] = {}
+    for label in labels:
+        if label.lower() in first:
+            raise ValueError(f"--labels {text!r}: {label!r} is given twice (as {first[label.lower()]!r}); "
+                             "give each class once")
+        first[label.lower()] = label
     if len(labels) < 2:
-        raise ValueError(f"--labels needs at least two comma-separated class names, got {args.labels!r}")
+        raise ValueError(f"--labels needs at least two comma-separated class names, got {text!r}")
+    return labels
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    labels = parse_labels(args.labels)
+    if args.json:
+        check_output_path(args.json, "--json")
     templates = load_templates(args.templates)
     paths = expand_image_paths(args.images)
     extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
@@ -96,6 +148,7 @@ def run_classify(args: argparse.Namespace) -> int:
         for i in top:
             print(f"  {p[i]:6.3f}  {labels[i]}")
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"labels": labels, "templates": templates, "results": results}, f, indent=2)
+        report = {"labels": labels, "templates": templates, "results": results}
+        _write_atomically(args.json, "w", lambda f: json.dump(report, f, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from rsclip_jax.cli.common import check_output_path, positive_int
+
 SUITES = ("remoteclip", "remoteclip-paper")
 TASK_CHOICES = ("zeroshot", "linear_probe", "knn", "fewshot", "retrieval", "counting")
 
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint", help="OpenCLIP/RemoteCLIP weights (.pt/.safetensors) or an rsclip training workdir")
     g.add_argument("--model", default=None, help="architecture name (default: inferred from the weights / workdir)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--batch-size", type=int, default=64, help="global batch, split over every device")
+    g.add_argument("--batch-size", type=positive_int, default=64, help="global batch, split over every device")
     g = p.add_argument_group("what to run")
     g.add_argument("--task", action="append", choices=TASK_CHOICES, help="repeatable; with --suite, restricts it")
     g.add_argument("--suite", choices=SUITES, help="every task on a --data-dir layout (paper: also --weights-dir)")
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--templates", default=None, help="zeroshot: template file, one per line with {}")
     g.add_argument("--classnames", default=None, help="zeroshot: JSON {folder: class name} overrides")
     g.add_argument("--zeroshot-split", default=None, choices=["test", "all"], help="zeroshot: images scored (test)")
-    g.add_argument("--k", type=int, default=None, help="knn: neighbours (20)")
+    g.add_argument("--k", type=positive_int, default=None, help="knn: neighbours (20)")
     g.add_argument("--temperature", type=float, default=None, help="knn: vote temperature (0.07)")
     g.add_argument("--shots", default=None, help="fewshot: comma-separated n (1,2,4,8,16,32)")
     g.add_argument("--seeds", default=None, help="fewshot: comma-separated seeds (0,1,2)")
@@ -122,9 +124,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.suite and not args.data_dir:
         raise ValueError(f"--suite {args.suite} needs --data-dir DIR")
     if args.suite == "remoteclip-paper" and not args.weights_dir:
-        raise ValueError("--suite remoteclip-paper needs --weights-dir DIR (the released checkpoints)")
+        raise ValueError("--suite remoteclip-paper needs --weights-dir DIR: a folder of the released checkpoints "
+                         "(.pt/.pth/.bin/.safetensors, e.g. RemoteCLIP-ViT-B-32.pt; see docs/evaluation.md)")
     if args.suite != "remoteclip-paper" and not args.checkpoint:
         raise ValueError("--checkpoint is required (a weights file or an rsclip training workdir)")
+    check_output_path(args.out, "--out")  # before any model loads or embeds
     init_distributed(args)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     config: dict[str, Any] = {"command": {k: v for k, v in vars(args).items() if k != "func"},

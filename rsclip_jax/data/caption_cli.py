@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from rsclip_jax.data.annotations import CaptionedImage, ImageAnnotation, Record, Skipped, relabel
+from rsclip_jax.data.annotations import CaptionedImage, ImageAnnotation, Record, Skipped, normalize_label, relabel
 from rsclip_jax.data.b2c import DEFAULT_CONFIG, B2CConfig, box_to_caption
 from rsclip_jax.data.m2b import DEFAULT_MIN_AREA
 from rsclip_jax.data.readers import READERS, read_annotations
@@ -92,6 +92,7 @@ class CaptionSummary:
     skip_examples: dict[str, str] = field(default_factory=dict)
     ignored: Counter = field(default_factory=Counter)
     unreferenced: list[str] = field(default_factory=list)
+    classes: Counter = field(default_factory=Counter)  # boxes per class (`normalize_label`), before relabelling
 
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         self.read += 1
@@ -160,6 +161,7 @@ def write_captions(
                     skip(record.item, record.reason, record.detail)
                     continue
                 if isinstance(record, ImageAnnotation):
+                    summary.classes.update(normalize_label(box.label) for box in record.boxes)
                     record = relabel(record, class_map or {})
                 summary.ignored.update(record.ignored)
                 path, problem = index.resolve(record.image)
@@ -274,20 +276,24 @@ def _reader_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _class_map(args: argparse.Namespace) -> dict[str, str | None]:
-    class_map = dict(DEFAULT_CLASS_MAPS.get(args.format, {}))
-    if args.class_map:
-        with open(args.class_map, encoding="utf-8") as f:
-            try:
-                user = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{args.class_map}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(user, dict) or not all(isinstance(v, str) or v is None for v in user.values()):
-            raise ValueError(
-                f'{args.class_map}: expected a JSON object of class name -> new name or null, e.g. {{"others": null}}'
-            )
-        class_map.update(user)
-    return class_map
+def _read_class_map(path: str) -> dict[str, str | None]:
+    """The user's --class-map JSON: {class name: new name or null}."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            user = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(user, dict) or not all(isinstance(v, str) or v is None for v in user.values()):
+        raise ValueError(
+            f'{path}: expected a JSON object of class name -> new name or null, e.g. {{"others": null}}'
+        )
+    return user
+
+
+def unmatched_class_map_keys(class_map: Mapping[str, str | None], classes: Iterable[str]) -> list[str]:
+    """The keys of `class_map` that match none of `classes` (compared after `normalize_label`)."""
+    seen = {normalize_label(c) for c in classes}
+    return [key for key in class_map if normalize_label(key) not in seen]
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -295,6 +301,7 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.captions_per_image < 1:
         raise ValueError(f"--captions-per-image must be >= 1, got {args.captions_per_image}")
     config = replace(DEFAULT_CONFIG, vague_threshold=args.vague_threshold)
+    user_map = _read_class_map(args.class_map) if args.class_map else {}
     records = read_annotations(args.format, args.annotations, **_reader_options(args))
     summary = write_captions(
         records,
@@ -303,12 +310,17 @@ def run_caption(args: argparse.Namespace) -> int:
         num_captions=args.captions_per_image,
         seed=args.seed,
         config=config,
-        class_map=_class_map(args),
+        class_map={**DEFAULT_CLASS_MAPS.get(args.format, {}), **user_map},
         absolute_paths=args.absolute_paths,
         skipped_csv=args.skipped_out,
     )
     print(f"caption --format {args.format} {args.annotations}:", file=sys.stderr)
     print("\n".join(summary.lines()), file=sys.stderr)
+    unmatched = unmatched_class_map_keys(user_map, summary.classes)
+    if unmatched:
+        found = ", ".join(sorted(summary.classes)) or "none (this format has no boxes to relabel)"
+        print(f"warning: --class-map {args.class_map}: {len(unmatched)} key(s) match no class of the annotations, "
+              f"so they changed nothing: {', '.join(map(repr, unmatched))}; classes found: {found}", file=sys.stderr)
     if summary.captioned == 0:
         print(f"error: no image was captioned; {args.out} has only the header", file=sys.stderr)
         return 1

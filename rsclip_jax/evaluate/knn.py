@@ -35,6 +35,8 @@ def knn_scores(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, num
     """(N_test, C) summed neighbour weights per class."""
     if temperature <= 0:
         raise ValueError(f"k-NN temperature must be positive, got {temperature}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k-NN k (--k, or the task's 'k') must be a positive integer, got {k!r}")
     k = min(k, len(train_x))
     train = jnp.asarray(train_x, jnp.float32)
     labels = jnp.asarray(train_y, jnp.int32)

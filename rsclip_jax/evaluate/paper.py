@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 
-from rsclip_jax.evaluate.datasets import canonical_dataset_name, known_datasets
+from rsclip_jax.evaluate.datasets import canonical_dataset_name, known_datasets, name_from_path
 from rsclip_jax.evaluate.models import load_model
 from rsclip_jax.evaluate.suite import ALL_TASKS, Evaluator, Result, discover
 from rsclip_jax.models import list_models
@@ -32,25 +32,33 @@ PAPER_RETRIEVAL = ("RSITMD", "RSICD", "UCM")
 
 def discover_weights(weights_dir: str) -> list[tuple[str, str]]:
     """[(label, path)] of the checkpoint files in weights_dir, sorted by name."""
+    expected = (f"a folder of checkpoint files ({', '.join(WEIGHT_EXTENSIONS)}), e.g. RemoteCLIP-ViT-B-32.pt "
+                "from the RemoteCLIP release (docs/evaluation.md)")
     if not os.path.isdir(weights_dir):
-        raise FileNotFoundError(f"{weights_dir}: no such weights directory")
+        raise FileNotFoundError(f"--weights-dir {weights_dir}: no such directory; expected {expected}")
     found = sorted(f for f in os.listdir(weights_dir) if f.lower().endswith(WEIGHT_EXTENSIONS))
     if not found:
-        raise FileNotFoundError(f"{weights_dir}: no checkpoint files ({', '.join(WEIGHT_EXTENSIONS)})")
+        raise FileNotFoundError(f"--weights-dir {weights_dir}: no checkpoint files; expected {expected}")
     return [(os.path.splitext(f)[0], os.path.join(weights_dir, f)) for f in found]
 
 
 def paper_specs(data_dir: str, tasks: Sequence[str] = ALL_TASKS, options: Mapping[str, Mapping[str, Any]] | None = None,
                 skip_missing: bool = False) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """The task specs under data_dir, with datasets renamed to the paper's names; and the paper
-    datasets that were not found ({"scenes": [...], "retrieval": [...]})."""
+    datasets that were not found ({"scenes": [...], "retrieval": [...]}).
+
+    Every spec gets a name: its subfolder's, else the one its task would take from the JSON's
+    file name (`retrieval/dataset_rsitmd.json` -> RSITMD, `counting/counting.json` -> counting).
+    """
     specs = discover(data_dir, tasks, options, skip_missing)
     for s in specs:
         if "root" in s:
             s["name"] = canonical_dataset_name(s["name"]) or s["name"]
         elif s["task"] == "retrieval":
-            name = s.get("name") or os.path.basename(os.path.dirname(s["karpathy_json"]))
+            name = s.get("name") or name_from_path(s["karpathy_json"])
             s["name"] = next((p for p in PAPER_RETRIEVAL if p.lower() == name.lower()), name)
+        else:
+            s["name"] = s.get("name") or name_from_path(s["json"])
     found = {s["name"] for s in specs}
     missing = {"scenes": [d for d in known_datasets() if d not in found],
                "retrieval": [d for d in PAPER_RETRIEVAL if d not in found]}
