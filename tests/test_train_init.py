@@ -32,7 +32,7 @@ def test_init_from_openclip_file_and_from_workdir(tmp_path):
     # Our own workdir: its params, a fresh optimiser and step 0.
     ckpt = Checkpointer(str(tmp_path / "run"), use_async=False)
     trained = state.replace(step=state.step + 7)
-    ckpt.save(7, trained, _FakeIterator(), run.config.to_dict())
+    ckpt.save(7, trained, _FakeIterator(), run.config.to_dict(), run.model_config)
     ckpt.close()
     # ... even under another optimiser (LiT: a frozen image tower has no Adam state at all).
     again = initial_state(build_run(_config(f"--config.model.init_from={tmp_path / 'run'}",
@@ -55,7 +55,7 @@ def test_keeps_last_k_and_best(tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep=2, best_metric="retrieval/mean_recall", best_mode="max", use_async=False)
     recalls = {1: 10.0, 2: 50.0, 3: 20.0, 4: 30.0, 5: 25.0}
     for step, recall in recalls.items():
-        ckpt.save(step, state, _FakeIterator(), {}, {"retrieval/mean_recall": recall})
+        ckpt.save(step, state, _FakeIterator(), {}, run.model_config, {"retrieval/mean_recall": recall})
     ckpt.wait()
     kept = sorted(ckpt.manager.all_steps())
     ckpt.close()

@@ -1,13 +1,27 @@
-"""Checkpoint import and export: OpenCLIP/RemoteCLIP state_dicts as .pt/.pth/.bin or .safetensors.
+"""Checkpoint import and export: OpenCLIP/RemoteCLIP state_dicts (.pt/.pth/.bin, .safetensors) and
+training workdirs.
 
-Torch is never needed, and loading never executes code from the file (see `torch_format`).
+Torch is never needed, and loading never executes code from the file (see `torch_format`). Every
+file written here records its architecture (see `architecture`), so it loads back as written.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
+import jax
+from flax import nnx
+
+from rsclip_jax.checkpoint.architecture import (
+    ArchitectureRecordError,
+    read_recorded_config,
+    resolve_config,
+    safetensors_metadata,
+    sidecar_path,
+    write_sidecar,
+)
 from rsclip_jax.checkpoint.openclip import (
     CheckpointMismatchError,
     export_state_dict,
@@ -15,49 +29,124 @@ from rsclip_jax.checkpoint.openclip import (
     load_state_dict_into,
     model_from_state_dict,
 )
-from rsclip_jax.checkpoint.torch_format import UnsafeCheckpointError, load_state_dict, save_state_dict
-from rsclip_jax.models import CLIP, CLIPConfig, get_model_config
+from rsclip_jax.checkpoint.torch_format import (
+    UnsafeCheckpointError,
+    is_safetensors,
+    load_safetensors_metadata,
+    load_state_dict,
+    save_state_dict,
+)
+from rsclip_jax.checkpoint.workdir import (
+    WorkdirError,
+    is_workdir,
+    list_steps,
+    load_workdir_model,
+    select_step,
+    workdir_model_config,
+)
+from rsclip_jax.models import CLIP, CLIPConfig, create_model
+from rsclip_jax.models.config import config_name
 
 
-def load_checkpoint(path: str | os.PathLike, model: str | CLIPConfig | None = None, **create_kwargs: Any) -> CLIP:
-    """Loads a checkpoint into a CLIP model.
+def load_checkpoint_with_info(
+    path: str | os.PathLike,
+    model: str | CLIPConfig | None = None,
+    *,
+    step: int | None = None,
+    best: bool = False,
+    sharding: jax.sharding.Sharding | None = None,
+    **create_kwargs: Any,
+) -> tuple[CLIP, dict[str, Any]]:
+    """Loads a checkpoint into a CLIP model, and says what was loaded.
 
     Args:
         path: `.pt`/`.pth`/`.bin` (torch zip pickle, read safely), `.safetensors`, or an rsclip
-            training workdir (its latest checkpoint, architecture from the saved config).
-        model: registry name or config; None infers the architecture from the shapes (QuickGELU).
-            For a workdir it is checked against the saved architecture.
+            training workdir.
+        model: registry name or config. Default: the architecture recorded with the weights, else
+            inferred from the shapes (which has to guess the activation, and says so).
+        step, best: for a workdir, which checkpoint (default: the latest).
+        sharding: for a workdir, where the variables are restored (default: one local device).
         create_kwargs: `dtype`, `scan_layers`, `remat_policy` for the created model.
-    """
-    if os.path.isdir(path):
-        from rsclip_jax.train.export import model_from_workdir  # lazy: training imports this module
 
-        loaded = model_from_workdir(path)
-        if model is not None:
-            want = get_model_config(model) if isinstance(model, str) else model
-            if want != loaded.config:
-                raise CheckpointMismatchError(f"{path}: trained as {loaded.config}, not {model}")
-        return loaded
-    try:
-        return model_from_state_dict(load_state_dict(path), model, **create_kwargs)
-    except CheckpointMismatchError as e:
-        raise CheckpointMismatchError(f"{path}: {e}") from None
+    Returns:
+        (model, info): info has `checkpoint`, `format` (`openclip` or `rsclip-workdir`), `model`
+        (the architecture's name) and, for a workdir, `step`.
+
+    Raises:
+        CheckpointMismatchError: naming the file, when weights and architecture disagree.
+        FileNotFoundError: for a missing path, a folder that is not a workdir, or a missing step.
+    """
+    info: dict[str, Any] = {"checkpoint": os.path.abspath(path)}
+    if os.path.isdir(path):
+        if not is_workdir(path):
+            raise FileNotFoundError(f"{path}: a directory but not an rsclip training workdir (no checkpoints/ inside); "
+                                    "pass a .pt/.safetensors file or a workdir written by `rsclip train`")
+        chosen = select_step(path, step, best)
+        recorded = workdir_model_config(path, chosen)
+        config = resolve_config(path, {}, model, recorded)
+        _check_same_shapes(path, config, recorded, create_kwargs)
+        clip, _ = load_workdir_model(path, chosen, config=config, sharding=sharding, **create_kwargs)
+        info.update(format="rsclip-workdir", step=chosen)
+    elif os.path.exists(path):
+        if step is not None or best:
+            raise ValueError(f"--step/--best choose a checkpoint of a training workdir; {path} is a single file")
+        state_dict = load_state_dict(path)
+        metadata = load_safetensors_metadata(path) if is_safetensors(path) else None
+        config = resolve_config(path, state_dict, model, read_recorded_config(path, metadata))
+        try:
+            clip = load_state_dict_into(create_model(config, abstract=True, **create_kwargs), state_dict)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"{path}: {e}") from None
+        info.update(format="openclip")
+    else:
+        raise FileNotFoundError(f"{path}: no such checkpoint file or workdir")
+    info["model"] = config_name(clip.config) or "custom architecture"
+    return clip, info
+
+
+def load_checkpoint(path: str | os.PathLike, model: str | CLIPConfig | None = None, **kwargs: Any) -> CLIP:
+    """`load_checkpoint_with_info(...)`'s model alone."""
+    return load_checkpoint_with_info(path, model, **kwargs)[0]
+
+
+def _check_same_shapes(path: str | os.PathLike, chosen: CLIPConfig, recorded: CLIPConfig,
+                       create_kwargs: dict[str, Any]) -> None:
+    """A --model for a workdir may change what shapes cannot see (the activation), not the shapes."""
+    def shapes(config: CLIPConfig) -> list[tuple[str, tuple[int, ...]]]:
+        state = nnx.state(create_model(config, abstract=True, **create_kwargs))
+        return [(jax.tree_util.keystr(k), v.shape) for k, v in jax.tree.leaves_with_path(state)]
+
+    if chosen != recorded and shapes(chosen) != shapes(recorded):
+        raise CheckpointMismatchError(f"{path}: trained as {config_name(recorded) or recorded}, whose weights do "
+                                      f"not fit {config_name(chosen) or chosen}; omit --model to use the trained one")
 
 
 def save_checkpoint(model: CLIP, path: str | os.PathLike) -> None:
-    """Writes the model as an OpenCLIP-loadable state_dict (`.pt` or `.safetensors`, by suffix)."""
-    save_state_dict(export_state_dict(model), path)
+    """Writes the model as an OpenCLIP-loadable state_dict (`.pt` or `.safetensors`, by suffix),
+    recording its architecture (safetensors metadata, or a `<file>.json` sidecar for torch files)."""
+    state_dict = export_state_dict(model)
+    if Path(path).suffix.lower() == ".safetensors":
+        save_state_dict(state_dict, path, safetensors_metadata(model.config))
+    else:
+        save_state_dict(state_dict, path)
+        write_sidecar(path, model.config)
 
 
 __all__ = [
+    "ArchitectureRecordError",
     "CheckpointMismatchError",
     "UnsafeCheckpointError",
+    "WorkdirError",
     "export_state_dict",
     "infer_config",
+    "is_workdir",
+    "list_steps",
     "load_checkpoint",
+    "load_checkpoint_with_info",
     "load_state_dict",
     "load_state_dict_into",
     "model_from_state_dict",
     "save_checkpoint",
     "save_state_dict",
+    "sidecar_path",
 ]

@@ -28,12 +28,15 @@ import pickle
 import re
 import struct
 import sys
-import uuid
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
+import safetensors
+from safetensors.numpy import load_file, save_file
+
+from rsclip_jax.fileio import atomic_write
 
 try:
     import ml_dtypes
@@ -44,7 +47,7 @@ except ImportError:  # pragma: no cover - ml_dtypes ships with jax
 
 __all__ = [
     "UnsafeCheckpointError", "load_torch_state_dict", "save_torch_state_dict",
-    "load_safetensors", "save_safetensors", "load_state_dict", "save_state_dict",
+    "load_safetensors", "load_safetensors_metadata", "save_safetensors", "is_safetensors", "load_state_dict", "save_state_dict",
 ]
 
 _STORAGE_DTYPES: dict[str, Any] = {
@@ -286,23 +289,6 @@ def _c_contiguous(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` for a fresh temp file next to ``path``, fsync it, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_torch_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write ``state`` as a torch zip checkpoint readable by ``torch.load(path, weights_only=True)``.
 
@@ -347,14 +333,12 @@ def save_torch_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLi
                 record(f"data/{i}", memoryview(arr.reshape(-1).view(np.uint8)), align=True)
             record("version", b"3\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------- safetensors
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load a ``.safetensors`` file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
-    from safetensors.numpy import load_file
-
     try:
         return dict(load_file(str(path)))
     except FileNotFoundError:
@@ -364,12 +348,27 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                          f"({type(e).__name__}: {e})") from e
 
 
-def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Atomically write ``state`` as a ``.safetensors`` file (contiguous copies where needed)."""
-    from safetensors.numpy import save_file
+def load_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header's ``__metadata__`` (string to string; empty when the file has none)."""
+    try:
+        with safetensors.safe_open(str(path), framework="np") as f:
+            return dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"could not read {path}: corrupt or invalid safetensors file "
+                         f"({type(e).__name__}: {e})") from e
 
+
+def save_safetensors(state: Mapping[str, np.ndarray], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write ``state`` as a ``.safetensors`` file (contiguous copies where needed).
+
+    ``metadata`` goes into the header's ``__metadata__`` (string keys and values).
+    """
     tensors = {str(k): _c_contiguous(np.asarray(v)) for k, v in state.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+    meta = dict(metadata) if metadata else None
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 # --------------------------------------------------------------------------- dispatch
@@ -390,11 +389,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
                      ".safetensors and torch.save zip checkpoints (.pt/.pth/.bin)")
 
 
-def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Save ``state`` as ``.safetensors`` or a torch checkpoint (``.pt/.pth/.bin``) by suffix."""
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (by suffix, else by its first bytes) a safetensors file."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".safetensors", *_TORCH_SUFFIXES):
+        return suffix == ".safetensors"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) >= 9 and head[8:9] == b"{"  # u64 header size, then JSON
+
+
+def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike,
+                    metadata: Mapping[str, str] | None = None) -> None:
+    """Save ``state`` as ``.safetensors`` or a torch checkpoint (``.pt/.pth/.bin``) by suffix.
+
+    ``metadata`` is stored in a safetensors header only (torch files have no place for it).
+    """
     suffix = Path(path).suffix.lower()
     if suffix == ".safetensors":
-        save_safetensors(state, path)
+        save_safetensors(state, path, metadata)
     elif suffix in _TORCH_SUFFIXES:
         save_torch_state_dict(state, path)
     else:

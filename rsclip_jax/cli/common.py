@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from rsclip_jax.checkpoint import load_checkpoint_with_info
 from rsclip_jax.models import CLIP
 
 
@@ -76,22 +77,30 @@ def check_output_path(path: str, flag: str) -> str:
     return path
 
 
+CHECKPOINT_HELP = "OpenCLIP/RemoteCLIP weights (.pt, .pth, .bin, .safetensors) or an rsclip training workdir"
+MODEL_HELP = ("architecture name (see `rsclip models`); default: the one recorded with the weights, else "
+              "inferred from their shapes")
+
+
+def add_checkpoint_choice_args(p: argparse.ArgumentParser) -> None:
+    """`--step N` / `--best`: which checkpoint of a training workdir (default: the latest)."""
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--step", type=int, default=None, help="workdir: load the checkpoint of this step")
+    choice.add_argument("--best", action="store_true", help="workdir: load the best checkpoint by the run's best_metric")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="OpenCLIP/RemoteCLIP weights: .pt, .pth, .bin or .safetensors")
-    p.add_argument("--model", default=None, help="architecture name (see `rsclip models`); default: inferred from the weights")
+    p.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
+    add_checkpoint_choice_args(p)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--batch-size", type=positive_int, default=64)
 
 
 def load_model_from_args(args: argparse.Namespace) -> CLIP:
-    from rsclip_jax.checkpoint import load_checkpoint
-
-    model = load_checkpoint(args.checkpoint, model=args.model, dtype=args.dtype)
-    print(f"loaded {args.checkpoint} ({_describe(model)})", file=sys.stderr)
+    """The model of `--checkpoint` (`--model`, `--step`/`--best`, `--dtype`), announced on stderr."""
+    model, info = load_checkpoint_with_info(args.checkpoint, args.model, step=getattr(args, "step", None),
+                                            best=getattr(args, "best", False), dtype=args.dtype)
+    where = f", step {info['step']}" if "step" in info else ""
+    print(f"loaded {args.checkpoint} ({info['model']}{where})", file=sys.stderr)
     return model
-
-
-def _describe(model: CLIP) -> str:
-    from rsclip_jax.models.config import config_name
-
-    return config_name(model.config) or "custom architecture"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +17,7 @@ from rsclip_jax.cli.common import (
     read_text_lines,
 )
 from rsclip_jax.evaluate.embeddings import Extractor
+from rsclip_jax.fileio import atomic_write, atomic_write_json
 from rsclip_jax.preprocess import expand_image_paths
 
 DEFAULT_TEMPLATES = "remote_sensing.txt"
@@ -51,18 +50,9 @@ def npz_path(out: str) -> str:
     return out if out.lower().endswith(".npz") else out + ".npz"
 
 
-def _write_atomically(path: str, mode: str, write: Callable) -> None:
-    """Creates missing folders, calls `write(file)` on a temporary file beside `path`, renames it
-    into place: `path` is either absent, the old file or the whole new one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write(f)  # a file object: numpy appends no .npz to the temporary name
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: numpy appends no second .npz to the temporary name
+        np.savez(f, **arrays)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -83,7 +73,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.texts:
         out.update(text_embeddings=extractor.texts(texts), texts=np.array(texts, dtype=str))
         print(f"embedded {len(texts)} texts", file=sys.stderr)
-    _write_atomically(out_path, "wb", lambda f: np.savez(f, **out))
+    atomic_write(out_path, lambda tmp: _savez(tmp, out))
     print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
@@ -149,6 +139,6 @@ def run_classify(args: argparse.Namespace) -> int:
             print(f"  {p[i]:6.3f}  {labels[i]}")
     if args.json:
         report = {"labels": labels, "templates": templates, "results": results}
-        _write_atomically(args.json, "w", lambda f: json.dump(report, f, indent=2))
+        atomic_write_json(args.json, report)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -20,6 +20,8 @@ __all__ = [
     "get_model_config",
     "list_models",
     "UnknownModelError",
+    "config_name",
+    "with_sigmoid_head",
 ]
 
 
@@ -157,6 +159,16 @@ def get_model_config(name: str) -> CLIPConfig:
     if base not in _BASE:
         raise UnknownModelError(f"unknown model name {name!r}; known models: {', '.join(list_models())}")
     return dataclasses.replace(_BASE[base], quick_gelu=quick)
+
+
+# SigLIP's initial temperature and bias (Zhai et al., 2023): scale log(10), bias -10.
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+def with_sigmoid_head(config: CLIPConfig) -> CLIPConfig:
+    """`config` with SigLIP's learnable logit bias and initial values (for the sigmoid loss)."""
+    return dataclasses.replace(config, init_logit_scale=SIGLIP_INIT_LOGIT_SCALE, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
 
 
 def config_name(config: CLIPConfig) -> str | None:

@@ -1,13 +1,16 @@
 """orbax checkpoints holding the train state, the grain iterator state and the config together.
 
 Each checkpoint is one step directory written atomically by orbax (to a temporary name, renamed
-when complete), with three items:
+when complete), with these items (names in `rsclip_jax.checkpoint.workdir`, which reads them back
+for inference without any of the training machinery):
 
 * `state`: the TrainState (params, optimiser state, BatchNorm statistics, step), saved sharded;
+* `model`: the architecture record, so the weights load back as the model they are;
 * `data`: the grain iterator state (`get_state()`, taken synchronously at save time: orbax writes
   in the background while the iterator moves on), so a resumed run sees exactly the batches it
   would have seen;
-* `config`: the full config as JSON, for provenance.
+* `config`: the full config as JSON, for provenance and for the resume checks;
+* `metrics` (orbax's own item): the step's eval metrics, when `best_metric` is set.
 
 Saves are asynchronous: the train loop continues while orbax writes. The last `keep` checkpoints
 are kept, plus the best one by an eval metric when `best_metric` is set. Restoring takes an
@@ -27,6 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from rsclip_jax.checkpoint.architecture import model_record
+from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, DATA_ITEM, MODEL_ITEM, STATE_ITEM, restore_variables
+from rsclip_jax.models import CLIPConfig
+
 
 class NonFiniteStateError(RuntimeError):
     """Refusal to checkpoint parameters that contain NaN or Inf."""
@@ -38,10 +45,12 @@ def all_finite(tree: Any) -> bool:
 
 
 class Checkpointer:
-    """Saves and restores (state, data iterator, config) under `workdir/checkpoints`."""
+    """Saves and restores (state, model record, data iterator, config) under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, best_metric: str = "", best_mode: str = "max", use_async: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.workdir = os.path.abspath(workdir)
+        self.best_metric = best_metric
+        self.directory = os.path.join(self.workdir, "checkpoints")
         policies: list[Any] = [pp.LatestN(n=keep)]
         if best_metric:
             policies.append(
@@ -50,14 +59,19 @@ class Checkpointer:
             )
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "data", "config"),
+            item_names=(STATE_ITEM, MODEL_ITEM, DATA_ITEM, CONFIG_ITEM),
             item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-                "config": ocp.JsonCheckpointHandler(),
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                MODEL_ITEM: ocp.JsonCheckpointHandler(),
+                DATA_ITEM: ocp.JsonCheckpointHandler(),
+                CONFIG_ITEM: ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=pp.AnyPreservationPolicy(policies),
+                # best_fn makes orbax write each step's metrics to disk, so the best checkpoint is
+                # still known after a resume (and to `--best`); the policy above decides deletion.
+                best_fn=(lambda m: m[best_metric]) if best_metric else None,
+                best_mode=best_mode,
                 enable_async_checkpointing=use_async,
                 create=True,
             ),
@@ -66,18 +80,22 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, config: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict[str, Any], model_config: CLIPConfig,
+             metrics: dict[str, float] | None = None) -> None:
         """Starts an (asynchronous) save; refuses a state with non-finite parameters."""
         if not all_finite(state.params):
             raise NonFiniteStateError(f"step {step}: parameters contain NaN/Inf; not saving a checkpoint")
+        items = {
+            STATE_ITEM: ocp.args.StandardSave(state),
+            MODEL_ITEM: ocp.args.JsonSave(model_record(model_config)),
+            DATA_ITEM: ocp.args.JsonSave(data_iterator.get_state()),
+            CONFIG_ITEM: ocp.args.JsonSave(json.loads(json.dumps(config, default=_jsonable))),
+        }
         self.manager.save(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_iterator.get_state()),
-                config=ocp.args.JsonSave(json.loads(json.dumps(config, default=_jsonable))),
-            ),
-            metrics={k: float(v) for k, v in (metrics or {}).items()} or None,
+            args=ocp.args.Composite(**items),
+            # Only a step whose evals produced the tracked metric competes for "best".
+            metrics={k: float(v) for k, v in metrics.items()} if metrics and self.best_metric in metrics else None,
             force=True,
         )
 
@@ -100,24 +118,11 @@ class Checkpointer:
         return step, restored.state
 
     def restore_weights(self, abstract_params: Any, abstract_rest: Any, step: int | None = None) -> tuple[Any, Any]:
-        """Only the model variables (params, BatchNorm statistics) of a checkpoint.
-
-        The optimiser state is not read, so this works whatever optimiser, freezing or loss the
-        checkpoint was trained with (for init_from, evaluation and export).
-        """
+        """Only the model variables (params, BatchNorm statistics) of a checkpoint (default: latest)."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
-        target = {"params": abstract_params, "rest": abstract_rest}
-        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), target)
-        # A plain PyTree reader allows a partial restore of the state item written by StandardSave.
-        reader = ocp.CheckpointManager(self.directory, item_names=("state",),
-                                       item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-                                       options=ocp.CheckpointManagerOptions(read_only=True))
-        args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
-        restored = reader.restore(step, args=ocp.args.Composite(state=args)).state
-        reader.close()
-        return restored["params"], restored["rest"]
+        return restore_variables(self.workdir, step, abstract_params, abstract_rest)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
