@@ -17,10 +17,21 @@ def test_demo_end_to_end_and_open_clip_interop(tmp_path, capsys, monkeypatch):
     from rsclip_jax.tokenizer import tokenize
 
     monkeypatch.chdir(REPO)
-    rc = main(["demo", "--workdir", str(tmp_path), "--samples", str(SAMPLES), "--config.total_steps=40",
-               "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20"])
-    assert rc == 0
+    demo = ["demo", "--workdir", str(tmp_path), "--samples", str(SAMPLES), "--config.total_steps=40",
+            "--config.eval_every_steps=20", "--config.checkpoint_every_steps=20"]
+    assert main(demo) == 0
     out = capsys.readouterr().out
+    # A second run reuses the trained model: no new steps, the same held-out retrieval row.
+    train_log = (tmp_path / "train" / "metrics.jsonl").read_text()
+    assert main(demo) == 0
+    again = capsys.readouterr().out
+    assert (tmp_path / "train" / "metrics.jsonl").read_text() == train_log
+
+    def retrieval_row(text):
+        return [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()][0]
+
+    assert retrieval_row(again) == retrieval_row(out)
+    assert "n/a" not in retrieval_row(out)
     assert "[demo] data: 195 of 195 images" in out and "held-out retrieval on 36 images" in out
     assert "| mean recall | random ranking |" in out
     import json
@@ -34,7 +45,7 @@ def test_demo_end_to_end_and_open_clip_interop(tmp_path, capsys, monkeypatch):
     assert "## Image–text retrieval (%)" in out
 
     # The exported model is an OpenCLIP state_dict: open_clip loads it strictly and agrees with JAX.
-    ours = load_checkpoint(tmp_path / "model.safetensors", model="tiny-ViT")
+    ours = load_checkpoint(tmp_path / "model.safetensors")  # the file records its architecture (GELU)
     assert ours.config == get_model_config("tiny-ViT")
     from safetensors.torch import load_file
 

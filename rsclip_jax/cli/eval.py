@@ -17,7 +17,19 @@ import os
 import sys
 from typing import Any
 
-from rsclip_jax.cli.common import check_output_path, positive_int
+import jax
+
+from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP, add_checkpoint_choice_args, check_output_path, positive_int
+from rsclip_jax.cli.train import init_distributed
+from rsclip_jax.evaluate.embeddings import default_cache_dir
+from rsclip_jax.evaluate.models import load_model
+from rsclip_jax.evaluate.paper import run_paper_suite
+from rsclip_jax.evaluate.plots import plot_all
+from rsclip_jax.evaluate.registry import Task
+from rsclip_jax.evaluate.tasks import make_task
+from rsclip_jax.evaluate.report import build_report, markdown, paper_numbers, write_json
+from rsclip_jax.evaluate.suite import ALL_TASKS, SCENE_TASKS, Evaluator, discover
+from rsclip_jax.fileio import atomic_write_text
 
 SUITES = ("remoteclip", "remoteclip-paper")
 TASK_CHOICES = ("zeroshot", "linear_probe", "knn", "fewshot", "retrieval", "counting")
@@ -27,8 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN, few-shot, retrieval, counting",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", help="OpenCLIP/RemoteCLIP weights (.pt/.safetensors) or an rsclip training workdir")
-    g.add_argument("--model", default=None, help="architecture name (default: inferred from the weights / workdir)")
+    g.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    g.add_argument("--model", default=None, help=MODEL_HELP)
+    add_checkpoint_choice_args(g)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.add_argument("--batch-size", type=positive_int, default=64, help="global batch, split over every device")
     g = p.add_argument_group("what to run")
@@ -93,8 +106,6 @@ def task_options(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def task_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Specs for `--task` runs without a suite; checks that each task has its data."""
-    from rsclip_jax.evaluate.suite import SCENE_TASKS
-
     options, specs = task_options(args), []
     for task in dict.fromkeys(args.task):
         if task in SCENE_TASKS:
@@ -114,11 +125,6 @@ def task_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import jax
-
-    from rsclip_jax.cli.train import init_distributed
-    from rsclip_jax.evaluate.embeddings import default_cache_dir
-
     if not args.suite and not args.task:
         raise ValueError("give --task TASK (repeatable) or --suite remoteclip|remoteclip-paper")
     if args.suite and not args.data_dir:
@@ -136,50 +142,46 @@ def run_eval(args: argparse.Namespace) -> int:
                               "jax": jax.__version__}
     tasks = tuple(args.task) if args.task else None
     if args.suite == "remoteclip-paper":
-        from rsclip_jax.evaluate.paper import run_paper_suite
-        from rsclip_jax.evaluate.report import paper_numbers
-        from rsclip_jax.evaluate.suite import ALL_TASKS
-
         results, info = run_paper_suite(args.weights_dir, args.data_dir, tasks or ALL_TASKS, args.batch_size, cache_dir,
                                         args.skip_missing, args.dtype, task_options(args))
         config.update(info)
-        return _write(args, results, config, paper_numbers(), "RemoteCLIP paper tables")
-    from rsclip_jax.evaluate.models import load_model
-    from rsclip_jax.evaluate.suite import ALL_TASKS, Evaluator, discover
-
+        return write_report(args.out, results, config, paper_numbers(), "RemoteCLIP paper tables", not args.no_plots)
     if args.suite:
         specs = discover(args.data_dir, tasks or ALL_TASKS, task_options(args), args.skip_missing)
     else:
         specs = task_specs(args)
-    from rsclip_jax.evaluate.registry import make_task
+    tasks_to_run = [make_task(s) for s in specs]  # option errors before the model loads
+    return evaluate_checkpoint(args.checkpoint, tasks_to_run, args.out, config, model=args.model, dtype=args.dtype,
+                               step=args.step, best=args.best, batch_size=args.batch_size, cache_dir=cache_dir,
+                               plots=not args.no_plots)
 
-    specs = [make_task(s) for s in specs]  # option errors before the model loads
-    model, info = load_model(args.checkpoint, args.model, args.dtype)
-    label = os.path.splitext(os.path.basename(os.path.normpath(args.checkpoint)))[0]
-    print(f"[eval] {label}: {info['model']} ({info['format']})", file=sys.stderr)
-    evaluator = Evaluator(specs, args.batch_size, cache_dir=cache_dir, verbose=True)
-    results = evaluator.results(model, label)
+
+def evaluate_checkpoint(checkpoint: str, tasks: list[Task], out: str, config: dict[str, Any], *,
+                        model: str | None = None, dtype: str = "float32", step: int | None = None, best: bool = False,
+                        batch_size: int = 64, cache_dir: str | None = None, plots: bool = True) -> int:
+    """Loads a checkpoint, runs the tasks and writes the report (JSON, Markdown, plots) at `out`."""
+    clip, info = load_model(checkpoint, model, dtype, step=step, best=best)
+    label = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
+    where = f", step {info['step']}" if "step" in info else ""
+    print(f"[eval] {label}: {info['model']} ({info['format']}{where})", file=sys.stderr)
+    evaluator = Evaluator(tasks, batch_size, cache_dir=cache_dir, verbose=True)
+    results = evaluator.results(clip, label)
     config["model"] = {**info, "label": label, "fingerprint": evaluator.extractor.fingerprint}
-    return _write(args, results, config, None, f"Evaluation of {label}")
+    return write_report(out, results, config, None, f"Evaluation of {label}", plots)
 
 
-def _write(args: argparse.Namespace, results: list, config: dict[str, Any], paper: dict | None, title: str) -> int:
-    import jax
-
-    from rsclip_jax.evaluate.report import build_report, markdown, write_json
-
+def write_report(out: str, results: list, config: dict[str, Any], paper: dict | None, title: str,
+                 plots: bool = True) -> int:
+    """The report of `results`: JSON at `out`, Markdown beside it (and printed), plots in `<stem>_plots/`."""
     text = markdown(results, paper, title)
     if jax.process_index() != 0:
         return 0
-    write_json(build_report(results, config), args.out)
-    stem = os.path.splitext(args.out)[0]
-    with open(stem + ".md", "w", encoding="utf-8") as f:
-        f.write(text)
+    write_json(build_report(results, config), out)
+    stem = os.path.splitext(out)[0]
+    atomic_write_text(stem + ".md", text)
     print(text)
-    written = [args.out, stem + ".md"]
-    if not args.no_plots:
-        from rsclip_jax.evaluate.plots import plot_all
-
+    written = [out, stem + ".md"]
+    if plots:
         written += plot_all(results, stem + "_plots")
     print("wrote " + ", ".join(written), file=sys.stderr)
     return 0

@@ -8,6 +8,9 @@ import sys
 
 import jax
 
+from rsclip_jax.train.config import load_config
+from rsclip_jax.train.loop import train
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() with cluster "
                    "auto-detection (TPU pods, SLURM) when no coordinator is given")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even though batch_size or the loss "
+                   "changed since the checkpoint (the architecture can never change)")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
 
@@ -38,14 +43,9 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from rsclip_jax.train.config import load_config
-
     config = load_config(args.config, args.overrides)  # errors here, before anything compiles
     init_distributed(args)
-    from rsclip_jax.train.evals import eval_hooks
-    from rsclip_jax.train.loop import train
-
-    summary = train(config, args.workdir, eval_hooks)
+    summary = train(config, args.workdir, args.allow_config_change)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2, default=float), file=sys.stdout)
     return 0

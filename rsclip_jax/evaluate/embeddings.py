@@ -11,9 +11,10 @@ preprocessing): the fingerprint hashes the architecture and every parameter, ima
 by path, size and mtime, texts by their exact strings. Training evals pass `cache_dir=None`.
 
 This is the one embedding engine of the project: `rsclip embed`/`classify`, the evaluator and the
-evals inside training all use it. During training it runs on the training mesh: the weights are
-resharded on device to a replicated copy (no round trip through a host), which needs one full
-copy of the model per device. Long inputs show a progress bar on process 0.
+evals inside training all use it. During training it runs on the training mesh with the weights
+sharded exactly as training shards them (FSDP and tensor-parallel layouts included): XLA gathers
+what each layer needs, and no device holds a full copy unless training does. Long inputs show a
+progress bar on process 0.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -109,7 +111,8 @@ class Extractor:
     """Embeds images and texts with a CLIP model, sharded over `mesh`.
 
     Args:
-        model: the CLIP model; its weights are replicated over the mesh.
+        model: the CLIP model; weights already on `mesh` keep their sharding, others are
+            replicated over it.
         batch_size: global batch, rounded up to a multiple of the mesh size.
         mesh: any mesh (e.g. training's (data, fsdp, model) mesh): the batch is split over all its
             axes. Default: every device of every host.
@@ -142,7 +145,7 @@ class Extractor:
             self._graphdef = graphdef
             self._images_fn, self._texts_fn = _compiled(graphdef, self.mesh)
         self.model = model
-        self._state = jax.device_put(state, self._replicated)  # a reshard if training sharded it
+        self._state = _on_mesh(state, self.mesh, self._replicated)
         self.logit_scale = float(min(np.exp(np.asarray(self._state["logit_scale"][...])), MAX_LOGIT_SCALE))
         self.embed_dim = model.config.embed_dim
         self.image_size = model.config.vision.image_size
@@ -305,18 +308,32 @@ class Extractor:
 def _compiled(graphdef: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
     """The jitted (images, texts) functions of an architecture on a mesh, shared by every Extractor:
     evaluating several checkpoints of one architecture compiles once."""
-    replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    replicated = NamedSharding(mesh, P())
 
     def masked(encode: Callable[[Any, jax.Array], jax.Array]) -> Callable[..., Any]:
         def fn(state: Any, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
             emb = encode(nnx.merge(graphdef, state), x)
             return jnp.where(mask[:, None], emb, 0.0), mask
 
-        # Replicated outputs: XLA gathers every row to every device, hence to every host.
-        return jax.jit(fn, in_shardings=(replicated, batch, batch), out_shardings=(replicated, replicated))
+        # Inputs keep the shardings they arrive with (weights as training shards them, batches over
+        # every mesh axis); replicated outputs: XLA gathers every row to every device and host.
+        return jax.jit(fn, out_shardings=(replicated, replicated))
 
     return (masked(lambda m, x: m.encode_image(normalize_images(x), normalize=True)),
             masked(lambda m, x: m.encode_text(x, normalize=True)))
+
+
+def _on_mesh(state: Any, mesh: jax.sharding.Mesh, replicated: NamedSharding) -> Any:
+    """The weights on `mesh`: arrays already laid out on it (e.g. sharded by training, FSDP
+    included) stay as they are, so no device ever holds more of the model than training gives it;
+    anything else (host arrays, another device or mesh) is replicated over the mesh."""
+    def place(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, state)
 
 
 def _file_id(path: str) -> tuple[str, int, int] | tuple[str, None, None]:
@@ -331,6 +348,4 @@ def _file_id(path: str) -> tuple[str, int, int] | tuple[str, None, None]:
 def _all_hosts(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.all(multihost_utils.process_allgather(np.array([flag]))))

@@ -113,3 +113,15 @@ def recall_curve(ranks: np.ndarray, max_k: int) -> list[float]:
     """R@K in percent for K = 1..max_k, from 0-based ranks (for the recall@K plots)."""
     ranks = np.asarray(ranks)
     return [100.0 * float(np.mean(ranks < k)) for k in range(1, max_k + 1)]
+
+
+def random_ranking_mean_recall(num_images: int, captions_per_image: int = 5) -> float:
+    """Expected mean recall (percent) of a random ranking, the floor a trained model must beat."""
+    num_texts = num_images * captions_per_image
+    t2i = [min(k, num_images) / num_images for k in (1, 5, 10)]
+    # P(at least one of c captions in the top k of T texts) = 1 - C(T-c, k) / C(T, k)
+    i2t = []
+    for k in (1, 5, 10):
+        p_none = np.prod([(num_texts - captions_per_image - i) / (num_texts - i) for i in range(min(k, num_texts))])
+        i2t.append(1 - p_none)
+    return 100.0 * float(np.mean(t2i + i2t))

@@ -26,7 +26,8 @@ from typing import Any
 import jax
 
 from rsclip_jax.evaluate.embeddings import Extractor
-from rsclip_jax.evaluate.registry import Task, TaskResult, make_task
+from rsclip_jax.evaluate.registry import Task, TaskResult
+from rsclip_jax.evaluate.tasks import make_task
 from rsclip_jax.models import CLIP
 from rsclip_jax.preprocess import is_image_name
 
@@ -95,15 +96,16 @@ def scalars(results: Sequence[Result]) -> dict[str, float]:
     `fewshot/<dataset>/<n>shot`)."""
     out: dict[str, float] = {}
     for r in results:
-        prefix = f"{r.task}/{r.dataset}"
-        if r.task == "fewshot":
-            for n, v in r.metrics["shots"].items():
-                out[f"{prefix}/{n}shot"] = v["mean"]
-            continue
-        for k, v in r.metrics.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("num_"):
-                out[f"{prefix}/{k}"] = float(v)
+        out.update({f"{r.task}/{r.dataset}/{k}": v for k, v in scalar_metrics(r.task, r.metrics).items()})
     return out
+
+
+def scalar_metrics(task: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A task result's numeric top-level metrics (few-shot: `<n>shot`, the mean over seeds)."""
+    if task == "fewshot":
+        return {f"{n}shot": float(v["mean"]) for n, v in metrics["shots"].items()}
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith("num_")}
 
 
 def _headline(r: Result) -> str:

@@ -19,6 +19,10 @@ from typing import Any
 
 import ml_collections
 
+from rsclip_jax.train.evals import build_tasks
+from rsclip_jax.train.optim import SCHEDULES
+from rsclip_jax.train.sharding import MESH_AXES
+
 REQUIRED_TOP_LEVEL = ("seed", "batch_size", "total_steps", "log_every_steps", "checkpoint_every_steps")
 
 
@@ -37,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3  # the last K; plus the best by `best_metric` when set
     c.best_metric = ""  # e.g. "retrieval/mean_recall"; empty keeps only the last K
     c.best_mode = "max"
-    c.eval_every_steps = 0  # 0: evaluate only at the end
+    c.eval_every_steps = 0  # default cadence of config.evals entries; 0: evaluate only at the end
+    c.eval_batch_size = 64  # global batch of the embedding passes of the evals
     c.nan_policy = "skip"  # skip: drop the update and go on; stop: end the run with an error
 
     c.model = ml_collections.ConfigDict()
@@ -51,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # directory of ArrayRecord shards written by `rsclip data build`
+    c.data.build_from = ""  # captions CSV(s), comma-separated: build data.train from them if it has no shards
     c.data.num_workers = 0  # grain worker processes (0 was fastest on 2 cores)
     c.data.crop_scale_min = 0.9  # RandomResizedCrop scale range, as OpenCLIP's train default
     c.data.crop_scale_max = 1.0
@@ -82,11 +88,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp_min_size = 2**18  # parameters at least this large are sharded over fsdp
     c.mesh.rules = (("heads", "model"), ("mlp", "model"))  # logical axis -> mesh axis
 
+    # Named evaluations run during training, any task of the evaluator (see train/evals.py):
+    # c.evals.NAME = ConfigDict({"task": "retrieval", "every_steps": 500, "karpathy_json": ..., ...}).
+    # Their metrics are logged as NAME/<metric>, which best_metric can name.
     c.evals = ml_collections.ConfigDict()
-    c.evals.retrieval_json = ""  # Karpathy JSON whose test split is evaluated during training
-    c.evals.retrieval_images = ""  # image folder of that split
-    c.evals.batch_size = 64
     return c
+
+
+# Sections whose keys are chosen by the user (each entry is validated by its own rules).
+FREE_FORM_SECTIONS = ("evals",)
+BEST_MODES = ("max", "min")
+# What a resumed run may not change silently: the weights' shapes and meaning, and the batches.
+RESUME_KEYS = ("model.name", "batch_size", "loss.name", "loss.chunk_size")
 
 
 def _check_against_schema(config: Any, schema: Any, prefix: str = "") -> None:
@@ -95,6 +108,8 @@ def _check_against_schema(config: Any, schema: Any, prefix: str = "") -> None:
         if key not in schema:
             raise ConfigError(f"unknown config key {name!r}; known keys here: {', '.join(sorted(schema.keys()))}")
         value, default = config[key], schema[key]
+        if not prefix and key in FREE_FORM_SECTIONS:
+            continue
         if isinstance(default, ml_collections.ConfigDict):
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ConfigError(f"config key {name!r} must be a section (ConfigDict), got {type(value).__name__}")
@@ -129,7 +144,74 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     accum = config.get("optim", {}).get("grad_accum_steps", 1)
     if accum < 1 or config.batch_size % accum:
         raise ConfigError(f"optim.grad_accum_steps ({accum}) must be >= 1 and divide batch_size ({config.batch_size})")
+    _validate_choices(config)
+    _validate_mesh(config)
+    _validate_evals(config)
     return config
+
+
+def _validate_choices(config: ml_collections.ConfigDict) -> None:
+    if "optim" in config and config.optim.get("schedule", "cosine") not in SCHEDULES:
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {config.optim.schedule!r}")
+    if config.get("best_mode", "max") not in BEST_MODES:
+        raise ConfigError(f"best_mode must be 'max' or 'min', got {config.best_mode!r}")
+    if config.get("eval_batch_size", 1) <= 0:
+        raise ConfigError(f"eval_batch_size must be positive, got {config.eval_batch_size}")
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+    if "mesh" not in config:
+        return
+    mesh = config.mesh
+    for key in ("shape", "dcn_shape"):
+        shape = tuple(mesh.get(key, (1,) * len(MESH_AXES)))
+        if len(shape) != len(MESH_AXES) or not all(isinstance(n, int) and (n > 0 or n == -1) for n in shape):
+            raise ConfigError(f"mesh.{key} must give one size per mesh axis {MESH_AXES} (positive, or -1 for the "
+                              f"rest), e.g. (-1, 1, 1); got {shape}")
+    for rule in mesh.get("rules", ()):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(f"mesh.rules entries are (logical axis, mesh axis or None) pairs; got {rule!r}")
+        if rule[1] is not None and rule[1] not in MESH_AXES:
+            raise ConfigError(f"mesh.rules maps {rule[0]!r} to {rule[1]!r}, which is not a mesh axis; mesh axes are "
+                              f"{', '.join(MESH_AXES)} (or None to replicate)")
+
+
+def _validate_evals(config: ml_collections.ConfigDict) -> None:
+    evals = config.get("evals", {})
+    try:
+        names = list(build_tasks(evals))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    metric = config.get("best_metric", "")
+    if metric and ("/" not in metric or metric.split("/", 1)[0] not in names):
+        known = ", ".join(f"{n}/..." for n in names) or "none: add one under config.evals"
+        raise ConfigError(f"best_metric {metric!r} names no configured eval; metrics are <eval name>/<metric>, "
+                          f"configured evals: {known}")
+
+
+def check_resume_compatible(workdir: str, saved: dict[str, Any], config: ml_collections.ConfigDict,
+                            allow_change: bool = False) -> None:
+    """Refuses to resume `workdir` with another architecture, batch size or loss, naming what changed.
+
+    `allow_change` accepts a new batch size or loss (the architecture can never change: the
+    checkpoint's weights would not fit it).
+    """
+    def get(d: Any, dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, (dict, ml_collections.ConfigDict)) else None
+        return d
+
+    changed = [(k, get(saved, k), get(config, k)) for k in RESUME_KEYS
+               if get(saved, k) is not None and get(saved, k) != get(config, k)]
+    if not changed:
+        return
+    what = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in changed)
+    if any(k == "model.name" for k, _, _ in changed):
+        raise ConfigError(f"{workdir}: cannot resume with another architecture ({what}); use a new --workdir, or "
+                          "start from these weights with --config.model.init_from={workdir}")
+    if not allow_change:
+        raise ConfigError(f"{workdir}: the config changed since the checkpoint ({what}); use a new --workdir, or "
+                          "pass --allow-config-change to resume with the new values")
 
 
 def _parse_value(text: str) -> Any:
@@ -147,10 +229,25 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         dotted, text = item[len("--config.") :].split("=", 1)
         *parents, leaf = dotted.split(".")
         node = config
+        free_form = bool(parents) and parents[0] in FREE_FORM_SECTIONS
         for i, part in enumerate(parents):
+            if free_form and i == 1 and part not in node:
+                with node.unlocked():  # a new named eval: --config.evals.NAME.task=knn
+                    node[part] = ml_collections.ConfigDict()
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
                 raise ConfigError(f"override {item!r}: no config section {'.'.join(parents[: i + 1])!r}")
             node = node[part]
+        if free_form and len(parents) == 2 and leaf not in node:  # options of a named eval
+            with node.unlocked():
+                node[leaf] = _parse_value(text)
+            continue
+        if not parents and leaf in FREE_FORM_SECTIONS:  # --config.evals={} replaces (here: drops) them all
+            value = _parse_value(text)
+            if not isinstance(value, dict):
+                raise ConfigError(f"override {item!r}: {leaf} takes a dict literal, e.g. --config.{leaf}={{}}")
+            with node.unlocked():
+                node[leaf] = ml_collections.ConfigDict(value)
+            continue
         if leaf not in node:
             raise ConfigError(f"override {item!r}: unknown key {dotted!r}; known here: {', '.join(sorted(node.keys()))}")
         value, old = _parse_value(text), node[leaf]

@@ -13,23 +13,23 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, read_json_item
 from rsclip_jax.data.pipeline import to_global_batch
 from rsclip_jax.train.checkpointing import Checkpointer
+from rsclip_jax.train.config import check_resume_compatible
+from rsclip_jax.train.evals import TrainingEvals
 from rsclip_jax.train.metrics import MetricWriter, model_flops_per_step, peak_flops_per_device
 from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
-
-# An eval hook maps (step, train state) to flat metrics, e.g. {"retrieval/mean_recall": 12.3}.
-EvalHook = Callable[[int, Any], dict[str, float]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,28 +49,28 @@ class _Preemption:
     def agreed(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          make_eval_hooks: Callable[[Run], list[EvalHook]] | None = None) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
     """Trains to `config.total_steps`, resuming from `workdir` when it holds a checkpoint.
 
-    `make_eval_hooks(run)` builds the periodic evaluations from the run (mesh, graphdef, config).
+    The evaluations of `config.evals` run on the training mesh (see `train/evals.py`). Resuming
+    with another architecture, batch size or loss is refused unless `allow_config_change`.
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
     os.makedirs(workdir, exist_ok=True)
     run = build_run(config)
-    eval_hooks = make_eval_hooks(run) if make_eval_hooks else []
+    training_evals = TrainingEvals(config, run.mesh, run.graphdef)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
     data_iter = iter(train_data(config, run.model_config.vision.image_size))
     start = checkpointer.latest_step()
     if start is not None:
+        saved = read_json_item(workdir, start, CONFIG_ITEM) or {}
+        check_resume_compatible(workdir, saved, config, allow_config_change)
         start, state = checkpointer.restore(run.abstract_state, data_iter)
         _log(f"resumed from {checkpointer.directory} at step {start}")
     else:
@@ -78,7 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         _log(f"started from {'scratch' if not config.model.init_from else config.model.init_from}")
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = _compile(run, state, data_iter)
-    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, eval_hooks)
+    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, training_evals)
     writer.close()
     checkpointer.close()
     return summary
@@ -93,7 +93,7 @@ def _compile(run: Run, state: Any, data_iter: Any) -> Any:
 
 
 def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, data_iter: Any, step_fn: Any,
-          checkpointer: Checkpointer, writer: MetricWriter, eval_hooks: list[EvalHook]) -> dict[str, Any]:
+          checkpointer: Checkpointer, writer: MetricWriter, training_evals: TrainingEvals) -> dict[str, Any]:
     config_dict = config.to_dict()
     preemption = _Preemption()
     flops, peak = model_flops_per_step(run.model_config, config.batch_size) / run.mesh.devices.size, peak_flops_per_device()
@@ -121,8 +121,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             nonfinite = nonfinite + metrics["nonfinite"].astype(jnp.int32)
             bar.update(1)
             log = step % config.log_every_steps == 0 or step == config.total_steps
-            evaluate = bool(eval_hooks) and (step == config.total_steps or
-                                             (config.eval_every_steps > 0 and step % config.eval_every_steps == 0))
+            due_evals = training_evals.due(step)
+            evaluate = bool(due_evals)
             save = step == config.total_steps or step % config.checkpoint_every_steps == 0
             # Sync points fall on the same steps on every process (agreeing on preemption is a
             # collective); a single process also syncs as soon as SIGTERM arrives.
@@ -144,15 +144,15 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
-            step_evals = _run_evals(eval_hooks, step, state, writer) if evaluate else None
+            step_evals = _run_evals(training_evals, due_evals, step, state, writer) if evaluate else None
             evals = step_evals or evals
             if save:
                 # Only metrics computed at this step: "best" must never credit a stale evaluation.
-                checkpointer.save(step, state, data_iter, config_dict, step_evals)
+                checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 saved_step = step
             if preemption.agreed():
                 if saved_step != step:
-                    checkpointer.save(step, state, data_iter, config_dict, step_evals)
+                    checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 checkpointer.wait()
                 ended = "preempted"
                 _log(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume")
@@ -176,10 +176,10 @@ def _step_metrics(metrics: dict[str, Any], step: int, steps: int, seconds: float
     return out
 
 
-def _run_evals(hooks: list[EvalHook], step: int, state: Any, writer: MetricWriter) -> dict[str, float]:
-    results: dict[str, float] = {}
-    for hook in hooks:
-        results.update(hook(step, state))
+def _run_evals(evals: TrainingEvals, names: list[str], step: int, state: Any, writer: MetricWriter) -> dict[str, float]:
+    results = evals(state, names)
+    if evals.best_metric:
+        evals.check_metric(evals.best_metric, results)
     writer.write(step, {"step": step, **results}, kind="eval")
     return results
 

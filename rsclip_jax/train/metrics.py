@@ -92,6 +92,7 @@ class MetricWriter:
         for path in self.paths.values():
             _truncate_after(path, resume_step)
         try:
+            # tensorboardX is a listed dependency, but a trimmed install may lack it: jsonl suffices.
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))

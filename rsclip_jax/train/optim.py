@@ -55,6 +55,9 @@ def decays(path: Sequence[Any], leaf: Any) -> bool:
     return core_ndim >= 2
 
 
+SCHEDULES = ("cosine", "linear", "constant")
+
+
 def learning_rate_schedule(
     lr: float, total_steps: int, warmup_steps: int, schedule: str = "cosine", end_lr_ratio: float = 0.0
 ) -> optax.Schedule:
@@ -68,7 +71,7 @@ def learning_rate_schedule(
     elif schedule == "constant":
         decay = optax.constant_schedule(lr)
     else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose cosine, linear or constant")
+        raise ValueError(f"unknown schedule {schedule!r}; choose {', '.join(SCHEDULES)}")
     if warmup_steps == 0:
         return decay
     warmup = optax.linear_schedule(0.0, lr, warmup_steps)

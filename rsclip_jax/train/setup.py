@@ -9,19 +9,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 import optax
 from flax import nnx
 
 from rsclip_jax.checkpoint import load_state_dict, load_state_dict_into
+from rsclip_jax.checkpoint.architecture import read_recorded_config
+from rsclip_jax.checkpoint.torch_format import is_safetensors, load_safetensors_metadata
+from rsclip_jax.checkpoint.workdir import restore_variables, select_step, workdir_model_config
 from rsclip_jax.data import shards
+from rsclip_jax.data.build import BuildConfig, build
 from rsclip_jax.data.augment import AugmentConfig
 from rsclip_jax.data.pipeline import LoaderConfig, train_dataset
 from rsclip_jax.models import CLIPConfig, create_model, get_model_config
-from rsclip_jax.train.checkpointing import Checkpointer, abstract_with_shardings
+from rsclip_jax.models.config import config_name, with_sigmoid_head
+from rsclip_jax.train.checkpointing import abstract_with_shardings
 from rsclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from rsclip_jax.train.sharding import BATCH_AXES, make_mesh, state_shardings
 from rsclip_jax.train.step import TrainState, init_train_state
@@ -45,9 +52,7 @@ class Run:
 def model_config_from(config: ml_collections.ConfigDict) -> CLIPConfig:
     """The architecture; the SigLIP loss adds a learnable bias with SigLIP's initial values."""
     model_config = get_model_config(config.model.name)
-    if config.loss.name == "siglip":
-        model_config = dataclasses.replace(model_config, init_logit_scale=math.log(10.0), init_logit_bias=-10.0)
-    return model_config
+    return with_sigmoid_head(model_config) if config.loss.name == "siglip" else model_config
 
 
 def _create(config: ml_collections.ConfigDict, model_config: CLIPConfig, abstract: bool = False) -> nnx.Module:
@@ -125,10 +130,12 @@ def initial_state(run: Run) -> TrainState:
         fresh = lambda: init_train_state(_create(config, run.model_config), tx)[1]  # noqa: E731
         return jax.jit(fresh, out_shardings=run.shardings)()
     if os.path.isdir(source):
-        checkpointer = Checkpointer(source, use_async=False)
-        params, rest = checkpointer.restore_weights(run.abstract_state.params, run.abstract_state.rest)
-        checkpointer.close()
+        step = select_step(source)
+        _check_init_architecture(source, workdir_model_config(source, step), run.model_config)
+        params, rest = restore_variables(source, step, run.abstract_state.params, run.abstract_state.rest)
     else:
+        metadata = load_safetensors_metadata(source) if is_safetensors(source) else None
+        _check_init_architecture(source, read_recorded_config(source, metadata), run.model_config)
         model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(source),
                                      keep_missing=("logit_bias",))
         _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -139,10 +146,43 @@ def initial_state(run: Run) -> TrainState:
     return jax.jit(from_weights, out_shardings=run.shardings)(params, rest)
 
 
+def _check_init_architecture(source: str, recorded: CLIPConfig | None, model_config: CLIPConfig) -> None:
+    """init_from weights must be the configured architecture, activation included (shapes cannot
+    tell GELU from QuickGELU); only the temperature/bias initial values may differ (CLIP -> SigLIP)."""
+    if recorded is None:
+        return  # an unrecorded OpenCLIP file: the shapes are checked when it is loaded
+    same = lambda c: dataclasses.replace(c, init_logit_scale=0.0, init_logit_bias=None)  # noqa: E731
+    if same(recorded) != same(model_config):
+        raise ValueError(
+            f"config.model.init_from={source} holds {config_name(recorded) or recorded}, but config.model.name builds "
+            f"{config_name(model_config) or model_config}; set --config.model.name to the checkpoint's architecture"
+        )
+
+
+def ensure_train_data(config: ml_collections.ConfigDict) -> None:
+    """Builds `data.train` from `data.build_from` when it holds no shards yet (e.g. configs/demo.py).
+
+    Process 0 builds; every process then waits for it, so all read the same shards.
+    """
+    d = config.data
+    if not d.train:
+        raise ValueError("config.data.train is empty: point it at a directory built by `rsclip data build`")
+    if os.path.isfile(os.path.join(d.train, shards.MANIFEST_NAME)):
+        return
+    if not d.build_from:
+        raise ValueError(f"config.data.train={d.train} holds no shards (no {shards.MANIFEST_NAME}); build them with "
+                         f"`rsclip data build --csv CAPTIONS.csv --out {d.train}`, or set config.data.build_from")
+    if jax.process_index() == 0:
+        csvs = tuple(c.strip() for c in d.build_from.split(",") if c.strip())
+        print(f"[train] building {d.train} from {', '.join(csvs)} (config.data.build_from)", file=sys.stderr)
+        build(BuildConfig(csvs=csvs, out_dir=d.train))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("rsclip_build_train_data")
+
+
 def train_data(config: ml_collections.ConfigDict, image_size: int) -> Any:
     """This process's grain training dataset (iterate it for a checkpointable iterator)."""
-    if not config.data.train:
-        raise ValueError("config.data.train is empty: point it at a directory built by `rsclip data build`")
+    ensure_train_data(config)
     d = config.data
     augment = AugmentConfig(image_size=image_size, scale=(d.crop_scale_min, d.crop_scale_max),
                             hflip=d.hflip, vflip=d.vflip, rot90=d.rot90)
