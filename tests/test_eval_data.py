@@ -22,7 +22,8 @@ from rsclip_jax.evaluate.datasets import (
     load_scene_dataset,
     load_templates,
 )
-from rsclip_jax.evaluate.registry import TaskSpecError, make_task
+from rsclip_jax.evaluate.registry import TaskSpecError
+from rsclip_jax.evaluate.tasks import make_task
 from rsclip_jax.evaluate.report import paper_numbers
 from rsclip_jax.evaluate.retrieval import METRIC_KEYS
 from rsclip_jax.evaluate.suite import discover
@@ -179,3 +180,12 @@ def test_published_numbers_file_is_consistent():
     assert {(r["model"], r["top1"]) for r in paper["zeroshot"]["rows"]} == {
         ("CLIP-ViT-B-32", 68.62), ("RemoteCLIP-ViT-B-32", 77.96)}
     assert len(paper["fewshot"]["rows"]) == 8
+
+
+def test_classname_override_keys_that_match_no_folder_are_named(capsys):
+    from rsclip_jax.evaluate.datasets import classnames_for
+
+    names = classnames_for("mine", ["forest", "river"], {"Forest": "dense forest", "rivr": "a river"})
+    assert names == ["dense forest", "river"]
+    err = capsys.readouterr().err
+    assert "rivr" in err and "match no class folder" in err and "Forest" not in err

@@ -7,11 +7,11 @@ import os
 import sys
 from collections.abc import Sequence
 
+from rsclip_jax.cli import checkpoints, data, demo, embed, train
+from rsclip_jax.cli import eval as eval_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from rsclip_jax.cli import checkpoints, data, demo, embed, train
-    from rsclip_jax.cli import eval as eval_cli
-
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (embed, checkpoints, data, train, eval_cli, demo):

@@ -8,6 +8,8 @@ import sys
 
 from PIL import Image
 
+from rsclip_jax.data.build import BuildConfig, build
+
 
 def register(data_sub: argparse._SubParsersAction) -> None:
     """Adds the `build` subcommand to the `rsclip data` subparsers."""
@@ -66,8 +68,6 @@ def register(data_sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the build; 0 when it finished, 1 when too many inputs were unusable."""
-    from rsclip_jax.data.build import BuildConfig, build
-
     config = BuildConfig(
         csvs=tuple(args.csv), out_dir=args.out, sources=tuple(args.source), images_roots=tuple(args.images_root),
         dedup=args.dedup,

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 import grain
 import jax
+from absl import flags
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image
@@ -143,8 +144,6 @@ def _to_iter_dataset(ds: grain.MapDataset, loader: LoaderConfig) -> grain.IterDa
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=loader.read_threads,
                                               prefetch_buffer_size=loader.prefetch_batches))
     if loader.worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app nobody parsed them
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=loader.worker_count,

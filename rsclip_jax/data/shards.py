@@ -24,6 +24,7 @@ import struct
 import warnings
 from collections.abc import Iterable, Sequence
 
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
 from rsclip_jax.preprocess import resize_shortest_side, to_rgb
@@ -154,8 +155,6 @@ def shard_name(index: int, count: int) -> str:
 
 def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
     """Writes serialised records to a new ArrayRecord file at `path`; returns how many."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     writer = ArrayRecordWriter(os.fspath(path), WRITER_OPTIONS)
     count = 0
     try:
@@ -169,8 +168,6 @@ def write_shard(path: str | os.PathLike, records: Iterable[bytes]) -> int:
 
 def read_shard(path: str | os.PathLike) -> list[bytes]:
     """All serialised records of one shard file, in order (for tests and inspection)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     reader = ArrayRecordReader(os.fspath(path))
     try:
         return list(reader.read_all())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -179,6 +180,10 @@ def classnames_for(dataset: str, folders: list[str], overrides: dict[str, str] |
     if known:
         table.update({_norm(k): v for k, v in known_datasets()[known]["classes"].items()})
     table.update({_norm(k): v for k, v in (overrides or {}).items()})
+    unmatched = sorted(k for k in (overrides or {}) if _norm(k) not in {_norm(f) for f in folders})
+    if unmatched:  # a typo would otherwise silently leave a class with its folder name
+        print(f"warning: --classnames keys match no class folder of {dataset}: {', '.join(unmatched)}; "
+              f"folders: {', '.join(folders)}", file=sys.stderr)
     return [table.get(_norm(f), readable(f)) for f in folders]
 
 

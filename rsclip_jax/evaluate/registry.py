@@ -1,7 +1,7 @@
 """The task registry (big_vision style): a task is a small class built from a plain dict.
 
     spec = {"task": "knn", "root": "data/samples/scenes", "k": 20}
-    task = make_task(spec)          # validates the keys, loads nothing yet
+    task = make_task(spec)          # (tasks.py) validates the keys, loads nothing yet
     result = task.run(extractor)    # -> TaskResult(metrics, artifacts)
 
 Specs are plain dicts so that training configs (ml_collections) and JSON files can hold them.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -62,37 +62,3 @@ def register(kind: str) -> Callable[[type[Task]], type[Task]]:
         return cls
 
     return wrap
-
-
-def task_names() -> list[str]:
-    _load()
-    return sorted(TASKS)
-
-
-def make_task(spec: Mapping[str, Any] | Task) -> Task:
-    """Builds a task from {"task": KIND, option: value, ...} (a Task passes through)."""
-    if isinstance(spec, Task):
-        return spec
-    _load()
-    spec = dict(spec)
-    kind = spec.pop("task", None)
-    if kind not in TASKS:
-        raise TaskSpecError(f"unknown task {kind!r}; known tasks: {', '.join(sorted(TASKS))}")
-    cls = TASKS[kind]
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(spec) - set(fields))
-    if unknown:
-        raise TaskSpecError(f"task {kind!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
-    for key, f in fields.items():
-        if key in spec and isinstance(spec[key], list) and "tuple" in str(f.type):
-            spec[key] = tuple(spec[key])  # JSON and ml_collections give lists
-    try:
-        return cls(**spec)
-    except TypeError as e:
-        raise TaskSpecError(f"task {kind!r}: {e}") from None
-
-
-def _load() -> None:
-    # The task classes live in tasks.py, which imports this module; import it on first use.
-    if not TASKS:
-        import rsclip_jax.evaluate.tasks  # noqa: F401

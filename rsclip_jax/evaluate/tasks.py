@@ -6,7 +6,9 @@ the same scene folder embed each image once) and returns metrics in percent.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -28,10 +30,10 @@ from rsclip_jax.evaluate.datasets import (
     subset_retrieval,
 )
 from rsclip_jax.evaluate.embeddings import Extractor
-from rsclip_jax.evaluate.fewshot import SEEDS, SHOTS, fewshot
+from rsclip_jax.evaluate.fewshot import SEEDS, SHOTS, check_fewshot_options, fewshot
 from rsclip_jax.evaluate.knn import TEMPERATURE, K, knn_classify
 from rsclip_jax.evaluate.linear_probe import DEFAULT_L2, L2_GRID, VAL_FRACTION, ProbeConfig, linear_probe
-from rsclip_jax.evaluate.registry import Task, TaskResult, register
+from rsclip_jax.evaluate.registry import TASKS, Task, TaskResult, TaskSpecError, register
 from rsclip_jax.evaluate.retrieval import recall_curve, retrieval_metrics, retrieval_ranks
 from rsclip_jax.evaluate.zeroshot import zeroshot_metrics
 
@@ -148,6 +150,9 @@ class FewShot(LinearProbe):
     shots: tuple[int, ...] = SHOTS
     seeds: tuple[int, ...] = SEEDS
 
+    def __post_init__(self) -> None:
+        check_fewshot_options(self.shots, self.seeds)  # a bad --shots fails before any model loads
+
     def run(self, extractor: Extractor) -> TaskResult:
         train_x, train_y, test_x, test_y, skipped = self.features(extractor)
         metrics = fewshot(train_x, train_y, test_x, test_y, self.dataset().num_classes, tuple(self.shots),
@@ -224,4 +229,30 @@ class Counting(Task):
         return TaskResult(metrics)
 
 
-_stem = name_from_path  # the naming rule under its former name (evaluate/paper.py imports it)
+# -- building tasks from specs (here, where every task class is registered) ---------------------
+
+def task_names() -> list[str]:
+    """The registered task kinds, sorted."""
+    return sorted(TASKS)
+
+
+def make_task(spec: Mapping[str, Any] | Task) -> Task:
+    """Builds a task from {"task": KIND, option: value, ...} (a Task passes through)."""
+    if isinstance(spec, Task):
+        return spec
+    spec = dict(spec)
+    kind = spec.pop("task", None)
+    if kind not in TASKS:
+        raise TaskSpecError(f"unknown task {kind!r}; known tasks: {', '.join(sorted(TASKS))}")
+    cls = TASKS[kind]
+    options = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(spec) - set(options))
+    if unknown:
+        raise TaskSpecError(f"task {kind!r}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(options))}")
+    for key, f in options.items():
+        if key in spec and isinstance(spec[key], list) and "tuple" in str(f.type):
+            spec[key] = tuple(spec[key])  # JSON and ml_collections give lists
+    try:
+        return cls(**spec)
+    except TypeError as e:
+        raise TaskSpecError(f"task {kind!r}: {e}") from None
