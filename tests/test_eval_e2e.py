@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,7 +28,7 @@ from rsclip_jax.evaluate.retrieval import METRIC_KEYS, load_karpathy_split, retr
 from rsclip_jax.evaluate.suite import Evaluator, discover, run_tasks
 from rsclip_jax.preprocess import ImageReadError
 
-FEWSHOT = {"fewshot": {"shots": (1, 4), "seeds": (0, 1, 2)}}
+FEWSHOT = {"fewshot": {"shots": (1, 2, 4, 8), "seeds": (0, 1, 2)}}
 RETRIEVAL = SAMPLES / "retrieval" / "dataset_samples.json"
 
 
@@ -56,21 +60,37 @@ def openclip_checkpoint(tmp_path_factory) -> Path:
 
 
 def _metrics(results):
-    """Every number of the results except the solver's iteration count: embeddings from different
-    device counts differ in the last float bits (1e-7), which moves L-BFGS's stopping step."""
+    """Every number of the results except the solver's iteration count: embeddings computed with
+    another number of rows per device differ in the last float bits (~1e-7), which moves the step
+    at which L-BFGS reaches its tolerance (not the probe it finds: see `_probe_numbers`)."""
     return [(r.task, r.dataset, {k: v for k, v in r.metrics.items() if k != "iterations"}) for r in results]
+
+
+def _probe_numbers(metrics):
+    """The linear probe's and few-shot's choices and accuracies, from a list of metrics dicts."""
+    out = []
+    for m in metrics:
+        if "shots" in m:  # few-shot
+            out.append({n: (v["l2"], v["runs"]) for n, v in m["shots"].items()})
+        elif "l2" in m:  # linear probe
+            out.append((m["l2"], m["val_accuracy"], m["top1"], m["top5"], m["per_class"]))
+    return out
 
 
 def test_sharded_eval_equals_one_device(model):
     """8 devices, 1 device and a (data, fsdp, model) mesh with sharded weights give the same numbers.
 
     The batch sizes (24, 5, 16) divide none of the sample sets (80 scenes, 36 + 180 retrieval, 22
-    counting), so every run ends on a padded, masked batch.
+    counting), so every run ends on a padded, masked batch. With 3 rows per device (8 devices)
+    and 5 (1 device) the embeddings differ in their last bits, yet the linear probe and few-shot
+    pick the same l2 and give the same accuracies, exactly (float64 solve, linear_probe.py).
     """
     specs = discover(str(SAMPLES), options=FEWSHOT)
     devices = np.array(jax.devices())
     ev8, ev1 = Evaluator(specs, batch_size=24), Evaluator(specs, 5, mesh=jax.sharding.Mesh(devices[:1], ("data",)))
     eight, one = ev8.results(model), ev1.results(model)
+    probe8, probe1 = _probe_numbers([r.metrics for r in eight]), _probe_numbers([r.metrics for r in one])
+    assert len(probe8) == 2 and probe8 == probe1
     assert len(eight) == 6 and _metrics(eight) == _metrics(one)
     paths = [str(p) for p in sorted((SAMPLES / "scenes" / "forest").iterdir())[:13]]
     np.testing.assert_allclose(ev8.extractor.images(paths).embeddings, ev1.extractor.images(paths).embeddings,
@@ -173,6 +193,9 @@ def test_bad_input_is_named_or_skipped_and_counted(tiny_checkpoint, tmp_path):
         eval_cli("--checkpoint", tiny_checkpoint, "--model", "ViT-B-32", *knn[5:], "--out", tmp_path / "c.json")
     with pytest.raises(ValueError, match="--task knn needs --scenes"):
         eval_cli(*base, "--task", "knn", "--out", tmp_path / "d.json")
+    with pytest.raises(ValueError, match=r"few-shot shots \(--shots, or the task's 'shots'\) must be a list of "
+                                         r"positive integers .*got \(0, 1\): 0 is not one; pass e.g. --shots 1,2"):
+        eval_cli(*base, "--task", "fewshot", "--scenes", scenes, "--shots", "0,1", "--out", tmp_path / "e.json")
 
 
 def test_python_api_for_training(model, tmp_path):
@@ -274,20 +297,13 @@ print("RESULT " + json.dumps([r.metrics for r in metrics]))
 """
 
 
-def test_two_hosts_give_the_one_host_numbers(model, tiny_checkpoint, tmp_path):
-    """2 processes x 4 devices (jax.distributed over gloo): each host decodes its own rows, and
-    every host ends with all the numbers, equal to one process's; a missing image is skipped on all."""
-    import os
-    import socket
-    import subprocess
-    import sys
+def _two_hosts(specs, tiny_checkpoint, tmp_path, meanwhile):
+    """Runs `Evaluator(specs, batch_size=24).results` on 2 local processes x 4 CPU devices
+    (jax.distributed over gloo, on a free port), calling `meanwhile()` while they run.
 
-    doc = json.loads(RETRIEVAL.read_text())
-    doc["images"][5]["filename"] = "missing.jpg"
-    (tmp_path / "k.json").write_text(json.dumps(doc))
-    specs = [{"task": "knn", "root": str(SAMPLES / "scenes")},
-             {"task": "retrieval", "karpathy_json": str(tmp_path / "k.json"),
-              "images": str(SAMPLES / "retrieval" / "images"), "skip_missing": True}]
+    Returns:
+        (each process's metrics, what `meanwhile` returned).
+    """
     (tmp_path / "worker.py").write_text(_TWO_HOSTS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -298,6 +314,7 @@ def test_two_hosts_give_the_one_host_numbers(model, tiny_checkpoint, tmp_path):
                                str(tiny_checkpoint), json.dumps(specs)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
+        local = meanwhile()
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
         for p in procs:  # never leave a worker behind (e.g. waiting for a peer that died)
@@ -305,5 +322,27 @@ def test_two_hosts_give_the_one_host_numbers(model, tiny_checkpoint, tmp_path):
                 p.kill()
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
     got = [json.loads(next(line for line in o.splitlines() if line.startswith("RESULT "))[7:]) for o, _ in outs]
-    want = json.loads(json.dumps([r.metrics for r in Evaluator(specs, batch_size=24).results(model)]))
-    assert got[0] == got[1] == want and want[1]["num_skipped"] == 1
+    return got, local
+
+
+def test_sharded_eval_on_two_hosts_equals_one_device(model, tiny_checkpoint, tmp_path):
+    """2 processes x 4 devices (jax.distributed over gloo): each host decodes its own rows, and
+    every host ends with all the numbers, equal to one device's; a missing image is skipped on all.
+
+    The hosts embed 3 rows per device and the one device 5, so the embeddings differ in their last
+    bits: the linear probe and few-shot still choose the same l2 and give the same accuracies."""
+    doc = json.loads(RETRIEVAL.read_text())
+    doc["images"][5]["filename"] = "missing.jpg"
+    (tmp_path / "k.json").write_text(json.dumps(doc))
+    scenes = str(SAMPLES / "scenes")
+    specs = [{"task": "knn", "root": scenes},
+             {"task": "retrieval", "karpathy_json": str(tmp_path / "k.json"),
+              "images": str(SAMPLES / "retrieval" / "images"), "skip_missing": True},
+             {"task": "linear_probe", "root": scenes}, {"task": "fewshot", "root": scenes, **FEWSHOT["fewshot"]}]
+    one_device = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    got, one = _two_hosts(specs, tiny_checkpoint, tmp_path, lambda: Evaluator(specs, 5, mesh=one_device).results(model))
+    want = json.loads(json.dumps([r.metrics for r in one]))
+    assert want[1]["num_skipped"] == 1 and len(_probe_numbers(want)) == 2
+    assert _probe_numbers(got[0]) == _probe_numbers(got[1]) == _probe_numbers(want)
+    drop = lambda ms: [{k: v for k, v in m.items() if k != "iterations"} for m in ms]  # as in _metrics
+    assert drop(got[0]) == drop(got[1]) == drop(want)
