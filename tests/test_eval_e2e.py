@@ -230,7 +230,7 @@ def test_training_workdir_checkpoint(model, tmp_path):
             return {}
 
     ckpt = Checkpointer(str(tmp_path / "wd"), use_async=False)
-    ckpt.save(3, state, NoData(), config.to_dict())
+    ckpt.save(3, state, NoData(), config.to_dict(), run.model_config)
     ckpt.close()
     scenes = _copy_scenes(tmp_path / "scenes")
     report = eval_cli("--checkpoint", tmp_path / "wd", "--task", "knn", "--scenes", scenes, "--no-cache",
