@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, TILES
+from openclip_reference import build
 from rsclip_jax.checkpoint import CheckpointMismatchError, WorkdirError, load_checkpoint, save_checkpoint, sidecar_path
 from rsclip_jax.checkpoint.torch_format import load_safetensors_metadata
 from rsclip_jax.cli import main
@@ -61,18 +62,10 @@ def test_written_files_reload_as_written_with_or_without_model(suffix, tmp_path,
 
 
 def test_pt_sidecar_keeps_open_clip_strict_loading(tmp_path):
-    import open_clip
-
     model = create_model("tiny-ViT", seed=3)
     save_checkpoint(model, tmp_path / "m.pt")
     assert sidecar_path(tmp_path / "m.pt").name == "m.pt.json"
-    cfg = model.config
-    torch_model = open_clip.model.CLIP(
-        cfg.embed_dim,
-        dict(image_size=cfg.vision.image_size, layers=cfg.vision.layers, width=cfg.vision.width,
-             patch_size=cfg.vision.patch_size, head_width=cfg.vision.head_width),
-        dict(context_length=77, vocab_size=49408, width=cfg.text.width, heads=cfg.text.heads, layers=cfg.text.layers),
-    ).eval()
+    torch_model = build(model.config).eval()  # open_clip's own CLIP, GELU as recorded
     torch_model.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), strict=True)
     with torch.no_grad():
         want = torch_model.encode_text(torch.from_numpy(tokenize(TEXTS).astype(np.int64)), normalize=True).numpy()
