@@ -18,11 +18,12 @@ import torch
 from conftest import REPO, TILES
 from openclip_reference import build
 from rsclip_jax.checkpoint import CheckpointMismatchError, WorkdirError, load_checkpoint, save_checkpoint, sidecar_path
-from rsclip_jax.checkpoint.torch_format import load_safetensors_metadata
+from rsclip_jax.checkpoint.torch_format import load_safetensors_metadata, save_state_dict
 from rsclip_jax.cli import main
 from rsclip_jax.models import create_model, get_model_config
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import ConfigError, check_resume_compatible, load_config
+from rsclip_jax.train.loop import train
 from rsclip_jax.train.setup import build_run, initial_state
 from rsclip_jax.tokenizer import tokenize
 
@@ -87,12 +88,27 @@ def test_without_a_record_the_activation_guess_is_named(tmp_path, capsys):
 
 
 def test_stale_sidecar_is_ignored_and_explicit_model_wins(tmp_path, capsys):
+    from rsclip_jax.checkpoint import export_state_dict
+    from rsclip_jax.checkpoint.torch_format import save_torch_state_dict
+
     save_checkpoint(create_model("tiny-ViT", seed=1), tmp_path / "m.pt")
-    record = json.loads(sidecar_path(tmp_path / "m.pt").read_text())
-    record["weights_size"] += 1  # the weights were overwritten by another tool since
-    sidecar_path(tmp_path / "m.pt").write_text(json.dumps(record))
+    # another tool overwrites the weights with a same-size file: QuickGELU weights, sidecar kept
+    save_torch_state_dict(export_state_dict(create_model("tiny-ViT-quickgelu", seed=2)), tmp_path / "m.pt")
+    assert sidecar_path(tmp_path / "m.pt").exists()
     assert load_checkpoint(tmp_path / "m.pt").config.quick_gelu  # fell back to the shapes
     assert "ignoring the sidecar" in capsys.readouterr().err
+    # our own low-level writer drops the sidecar it invalidates
+    save_checkpoint(create_model("tiny-ViT", seed=1), tmp_path / "n.pt")
+    save_state_dict(export_state_dict(create_model("tiny-ViT", seed=2)), tmp_path / "n.pt")
+    assert not sidecar_path(tmp_path / "n.pt").exists()
+
+    # a damaged record stops a load only when no --model says what the weights are
+    save_checkpoint(create_model("tiny-ViT", seed=1), tmp_path / "d.pt")
+    sidecar_path(tmp_path / "d.pt").write_text("{not json")
+    with pytest.raises(ValueError, match="d.pt.json: not a valid JSON sidecar"):
+        load_checkpoint(tmp_path / "d.pt")
+    assert load_checkpoint(tmp_path / "d.pt", model="tiny-ViT").config == get_model_config("tiny-ViT")
+    assert "using --model as given" in capsys.readouterr().err
 
     save_checkpoint(create_model("tiny-ViT", seed=1), tmp_path / "g.safetensors")
     chosen = load_checkpoint(tmp_path / "g.safetensors", model="tiny-ViT-quickgelu")
@@ -190,12 +206,31 @@ def test_resume_refuses_another_architecture_batch_or_loss(tmp_path):
     with pytest.raises(ConfigError, match="batch_size: 32 in the checkpoint, 64 now.*--allow-config-change"):
         check_resume_compatible("wd", saved, bigger)
     check_resume_compatible("wd", saved, bigger, allow_change=True)
+    chunked = load_config(str(REPO / "configs/demo.py"), ["--config.loss.chunk_size=8"])
+    with pytest.raises(ConfigError, match="loss.chunk_size: 0 in the checkpoint, 8 now"):
+        check_resume_compatible("wd", saved, chunked)
+    check_resume_compatible("wd", saved, chunked, allow_change=True)
+    # clip -> siglip adds a learnable bias: the weights would not fit, whatever the flag says
     siglip = load_config(str(REPO / "configs/demo.py"), ["--config.loss.name=siglip"])
     with pytest.raises(ConfigError, match="loss.name: 'clip' in the checkpoint, 'siglip' now"):
-        check_resume_compatible("wd", saved, siglip)
+        check_resume_compatible("wd", saved, siglip, allow_change=True)
     other = load_config(str(REPO / "configs/demo.py"), ["--config.model.name=tiny-RN"])
-    with pytest.raises(ConfigError, match="another architecture"):
+    with pytest.raises(ConfigError, match="another architecture.*--config.model.init_from=wd"):
         check_resume_compatible("wd", saved, other, allow_change=True)
+    # the checkpoint's own record decides, whatever names the configs use
+    gelu, quick = get_model_config("tiny-ViT"), get_model_config("tiny-ViT-quickgelu")
+    check_resume_compatible("wd", saved, same, saved_model=gelu, model_config=gelu)
+    with pytest.raises(ConfigError, match="cannot resume: the checkpoint holds tiny-ViT"):
+        check_resume_compatible("wd", saved, same, allow_change=True, saved_model=gelu, model_config=quick)
+
+
+def test_resuming_with_siglip_is_refused_before_restoring(train_shards, tmp_path):
+    base = [f"--config.data.train={train_shards}", "--config.batch_size=8", "--config.total_steps=1",
+            "--config.evals={}", "--config.checkpoint_every_steps=1"]
+    train(load_config(str(REPO / "configs/demo.py"), base), str(tmp_path))
+    longer = base[:2] + ["--config.total_steps=2", "--config.loss.name=siglip"] + base[3:]
+    with pytest.raises(ConfigError, match="cannot resume with another architecture or loss head"):
+        train(load_config(str(REPO / "configs/demo.py"), longer), str(tmp_path), allow_config_change=True)
 
 
 def test_workdir_checkpoint_with_wrong_model_is_refused(tmp_path):

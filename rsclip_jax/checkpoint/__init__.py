@@ -8,6 +8,7 @@ file written here records its architecture (see `architecture`), so it loads bac
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ from rsclip_jax.checkpoint.architecture import (
     read_recorded_config,
     resolve_config,
     safetensors_metadata,
-    sidecar_path,
     write_sidecar,
 )
 from rsclip_jax.checkpoint.openclip import (
@@ -35,6 +35,7 @@ from rsclip_jax.checkpoint.torch_format import (
     load_safetensors_metadata,
     load_state_dict,
     save_state_dict,
+    sidecar_path,
 )
 from rsclip_jax.checkpoint.workdir import (
     WorkdirError,
@@ -82,9 +83,10 @@ def load_checkpoint_with_info(
             raise FileNotFoundError(f"{path}: a directory but not an rsclip training workdir (no checkpoints/ inside); "
                                     "pass a .pt/.safetensors file or a workdir written by `rsclip train`")
         chosen = select_step(path, step, best)
-        recorded = workdir_model_config(path, chosen)
+        recorded = _recorded_unless_overridden(lambda: workdir_model_config(path, chosen), model)
         config = resolve_config(path, {}, model, recorded)
-        _check_same_shapes(path, config, recorded, create_kwargs)
+        if recorded is not None:
+            _check_same_shapes(path, config, recorded, create_kwargs)
         clip, _ = load_workdir_model(path, chosen, config=config, sharding=sharding, **create_kwargs)
         info.update(format="rsclip-workdir", step=chosen)
     elif os.path.exists(path):
@@ -92,7 +94,8 @@ def load_checkpoint_with_info(
             raise ValueError(f"--step/--best choose a checkpoint of a training workdir; {path} is a single file")
         state_dict = load_state_dict(path)
         metadata = load_safetensors_metadata(path) if is_safetensors(path) else None
-        config = resolve_config(path, state_dict, model, read_recorded_config(path, metadata))
+        recorded = _recorded_unless_overridden(lambda: read_recorded_config(path, metadata), model)
+        config = resolve_config(path, state_dict, model, recorded)
         try:
             clip = load_state_dict_into(create_model(config, abstract=True, **create_kwargs), state_dict)
         except CheckpointMismatchError as e:
@@ -102,6 +105,18 @@ def load_checkpoint_with_info(
         raise FileNotFoundError(f"{path}: no such checkpoint file or workdir")
     info["model"] = config_name(clip.config) or "custom architecture"
     return clip, info
+
+
+def _recorded_unless_overridden(read: Any, model: str | CLIPConfig | None) -> CLIPConfig | None:
+    """The recorded architecture; an unreadable record stops the load only when no --model says
+    what the weights are (e.g. a record from a newer rsclip, or a damaged sidecar)."""
+    try:
+        return read()
+    except ArchitectureRecordError as e:
+        if model is None:
+            raise
+        print(f"warning: {e}; using --model as given", file=sys.stderr)
+        return None
 
 
 def load_checkpoint(path: str | os.PathLike, model: str | CLIPConfig | None = None, **kwargs: Any) -> CLIP:

@@ -7,8 +7,8 @@ project writes records its model:
   OpenCLIP, `safetensors` and transformers ignore the key.
 * `.pt`/`.pth`/`.bin`: in a sidecar JSON beside the file, `<file>.json` (e.g. `model.pt.json`),
   so `torch.load` + `open_clip` `load_state_dict(strict=True)` see only the weights. The sidecar
-  also records the weights file's size: a sidecar left beside a file that was since overwritten by
-  another tool is ignored, with a warning.
+  also records the weights file's size and sha256: a sidecar left beside a file that was since
+  overwritten by another tool is ignored, with a warning (copying both files keeps it valid).
 * training workdirs: in each checkpoint's `model` item (see `workdir.py`).
 
 The record is `{"name": <registry name or null>, "config": CLIPConfig.to_dict()}`. Loading resolves
@@ -18,6 +18,7 @@ inference from the shapes, which must guess the activation and says so in one li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -28,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from rsclip_jax.checkpoint.openclip import infer_config
+from rsclip_jax.checkpoint.torch_format import sidecar_path
 from rsclip_jax.fileio import atomic_write_text
 from rsclip_jax.models.config import CLIPConfig, config_name, get_model_config
 
 METADATA_KEY = "rsclip_jax.model"
-SIDECAR_SUFFIX = ".json"
 
 
 class ArchitectureRecordError(ValueError):
@@ -55,12 +56,6 @@ def config_from_record(record: Mapping[str, Any], where: str) -> CLIPConfig:
         ) from None
 
 
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """`model.pt` -> `model.pt.json`."""
-    path = Path(path)
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
 def safetensors_metadata(config: CLIPConfig) -> dict[str, str]:
     """The `__metadata__` entries a `.safetensors` file gets (string values, as the format requires)."""
     # "format": "pt" is what transformers/safetensors' torch helpers write; some readers expect it.
@@ -70,7 +65,7 @@ def safetensors_metadata(config: CLIPConfig) -> dict[str, str]:
 def write_sidecar(weights_path: str | os.PathLike, config: CLIPConfig) -> Path:
     """Writes `<weights>.json` for a torch-format file (after the weights, so it can record their size)."""
     record = {**model_record(config), "weights_file": Path(weights_path).name,
-              "weights_size": os.path.getsize(weights_path)}
+              "weights_size": os.path.getsize(weights_path), "weights_sha256": _sha256(weights_path)}
     out = sidecar_path(weights_path)
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
@@ -98,12 +93,19 @@ def read_recorded_config(path: str | os.PathLike, metadata: Mapping[str, str] | 
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArchitectureRecordError(f"{side}: not a valid JSON sidecar ({e}); fix or delete it, "
                                       "or pass --model NAME") from None
-    size = record.get("weights_size")
-    if size is not None and size != os.path.getsize(path):
-        _warn(f"{side} describes a {size}-byte file but {path} has {os.path.getsize(path)} bytes "
-              "(overwritten since?); ignoring the sidecar")
+    size, digest = record.get("weights_size"), record.get("weights_sha256")
+    if (size is not None and size != os.path.getsize(path)) or (digest is not None and digest != _sha256(path)):
+        _warn(f"{side} describes other weights than {path} holds (overwritten since?); ignoring the sidecar")
         return None
     return config_from_record(record, str(side))
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _same_architecture(a: CLIPConfig, b: CLIPConfig) -> bool:

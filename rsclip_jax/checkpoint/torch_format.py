@@ -57,6 +57,14 @@ _STORAGE_DTYPES: dict[str, Any] = {
     "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
 }
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# A torch file's architecture record lives beside it in `<file>.json` (see checkpoint/architecture.py).
+SIDECAR_SUFFIX = ".json"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """`model.pt` -> `model.pt.json`, the sidecar that records a torch file's architecture."""
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
 _CHUNK = 1 << 24
 
 
@@ -410,5 +418,7 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike,
         save_safetensors(state, path, metadata)
     elif suffix in _TORCH_SUFFIXES:
         save_torch_state_dict(state, path)
+        # An old sidecar describes the weights just replaced; the caller writes a new one if it can.
+        sidecar_path(path).unlink(missing_ok=True)
     else:
         raise ValueError(f"{path}: unknown suffix {suffix!r}; use .safetensors, .pt, .pth or .bin")

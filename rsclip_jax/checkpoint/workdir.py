@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from rsclip_jax.checkpoint.architecture import config_from_record
+from rsclip_jax.checkpoint.architecture import ArchitectureRecordError, config_from_record
 from rsclip_jax.models import CLIP, CLIPConfig, create_model
 from rsclip_jax.models.config import get_model_config, with_sigmoid_head
 
@@ -108,7 +108,8 @@ def workdir_model_config(workdir: str | os.PathLike, step: int) -> CLIPConfig:
         return config_from_record(record, str(checkpoints_dir(workdir) / str(step) / MODEL_ITEM))
     config = read_json_item(workdir, step, CONFIG_ITEM)
     if not config or "model" not in config:
-        raise WorkdirError(f"{workdir}: checkpoint {step} records neither its model nor its training config")
+        raise ArchitectureRecordError(f"{workdir}: checkpoint {step} records neither its model nor its training "
+                                      "config; pass --model NAME")
     model_config = get_model_config(config["model"]["name"])
     if config.get("loss", {}).get("name") == "siglip":
         model_config = with_sigmoid_head(model_config)

@@ -132,6 +132,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.suite == "remoteclip-paper" and not args.weights_dir:
         raise ValueError("--suite remoteclip-paper needs --weights-dir DIR: a folder of the released checkpoints "
                          "(.pt/.pth/.bin/.safetensors, e.g. RemoteCLIP-ViT-B-32.pt; see docs/evaluation.md)")
+    if args.suite == "remoteclip-paper" and (args.checkpoint or args.step is not None or args.best):
+        raise ValueError("--suite remoteclip-paper evaluates every checkpoint of --weights-dir; --checkpoint, "
+                         "--step and --best do not apply to it")
     if args.suite != "remoteclip-paper" and not args.checkpoint:
         raise ValueError("--checkpoint is required (a weights file or an rsclip training workdir)")
     check_output_path(args.out, "--out")  # before any model loads or embeds

@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() with cluster "
                    "auto-detection (TPU pods, SLURM) when no coordinator is given")
-    p.add_argument("--allow-config-change", action="store_true", help="resume even though batch_size or the loss "
-                   "changed since the checkpoint (the architecture can never change)")
+    p.add_argument("--allow-config-change", action="store_true", help="resume even though batch_size, "
+                   "loss.chunk_size or data.train changed since the checkpoint (the architecture and clip<->siglip "
+                   "can never change)")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
 

@@ -156,7 +156,11 @@ class Extractor:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model, self._state)  # replicated: readable here
+            if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(self._state)):
+                # weights sharded over hosts (as training may hold them) cannot be hashed by one host
+                raise ValueError("the embedding cache needs weights every host can read; pass cache_dir=None "
+                                 "for a model sharded over several processes")
+            self._fingerprint = model_fingerprint(self.model, self._state)
         return self._fingerprint
 
     # -- public API ---------------------------------------------------------------------------

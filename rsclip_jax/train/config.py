@@ -12,6 +12,7 @@ error raised by `load_config`, before anything is built or compiled.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from typing import Any
 
 import ml_collections
 
+from rsclip_jax.models import CLIPConfig
+from rsclip_jax.models.config import config_name
 from rsclip_jax.train.evals import build_tasks
 from rsclip_jax.train.optim import SCHEDULES
 from rsclip_jax.train.sharding import MESH_AXES
@@ -99,7 +102,7 @@ def default_config() -> ml_collections.ConfigDict:
 FREE_FORM_SECTIONS = ("evals",)
 BEST_MODES = ("max", "min")
 # What a resumed run may not change silently: the weights' shapes and meaning, and the batches.
-RESUME_KEYS = ("model.name", "batch_size", "loss.name", "loss.chunk_size")
+RESUME_KEYS = ("model.name", "batch_size", "loss.name", "loss.chunk_size", "data.train")
 
 
 def _check_against_schema(config: Any, schema: Any, prefix: str = "") -> None:
@@ -150,6 +153,18 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def _head_agnostic(config: CLIPConfig) -> CLIPConfig:
+    """The architecture with initial values dropped: only the presence of a logit bias matters."""
+    bias = None if config.init_logit_bias is None else 0.0
+    return dataclasses.replace(config, init_logit_scale=0.0, init_logit_bias=bias)
+
+
+def _describe(config: CLIPConfig) -> str:
+    base = dataclasses.replace(config, init_logit_scale=CLIPConfig.init_logit_scale, init_logit_bias=None)
+    name = config_name(base) or "a custom architecture"
+    return name + (" with a SigLIP logit bias" if config.init_logit_bias is not None else "")
+
+
 def _validate_choices(config: ml_collections.ConfigDict) -> None:
     if "optim" in config and config.optim.get("schedule", "cosine") not in SCHEDULES:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {config.optim.schedule!r}")
@@ -190,11 +205,14 @@ def _validate_evals(config: ml_collections.ConfigDict) -> None:
 
 
 def check_resume_compatible(workdir: str, saved: dict[str, Any], config: ml_collections.ConfigDict,
-                            allow_change: bool = False) -> None:
-    """Refuses to resume `workdir` with another architecture, batch size or loss, naming what changed.
+                            allow_change: bool = False, saved_model: CLIPConfig | None = None,
+                            model_config: CLIPConfig | None = None) -> None:
+    """Refuses to resume `workdir` with another architecture, batch size, loss or data, naming what
+    changed.
 
-    `allow_change` accepts a new batch size or loss (the architecture can never change: the
-    checkpoint's weights would not fit it).
+    `allow_change` accepts a new batch size, loss chunking or data folder. The architecture can
+    never change, and neither can the loss between clip and siglip: SigLIP's head adds a learnable
+    bias, so the checkpoint's weights (`saved_model`, its record) would not fit `model_config`.
     """
     def get(d: Any, dotted: str) -> Any:
         for part in dotted.split("."):
@@ -203,15 +221,17 @@ def check_resume_compatible(workdir: str, saved: dict[str, Any], config: ml_coll
 
     changed = [(k, get(saved, k), get(config, k)) for k in RESUME_KEYS
                if get(saved, k) is not None and get(saved, k) != get(config, k)]
-    if not changed:
-        return
     what = "; ".join(f"{k}: {old!r} in the checkpoint, {new!r} now" for k, old, new in changed)
-    if any(k == "model.name" for k, _, _ in changed):
-        raise ConfigError(f"{workdir}: cannot resume with another architecture ({what}); use a new --workdir, or "
-                          "start from these weights with --config.model.init_from={workdir}")
-    if not allow_change:
+    if any(k in ("model.name", "loss.name") for k, _, _ in changed):
+        raise ConfigError(f"{workdir}: cannot resume with another architecture or loss head ({what}); use a new "
+                          f"--workdir, or start from these weights with --config.model.init_from={workdir}")
+    if changed and not allow_change:
         raise ConfigError(f"{workdir}: the config changed since the checkpoint ({what}); use a new --workdir, or "
                           "pass --allow-config-change to resume with the new values")
+    # Whatever the configs' names say, the checkpoint's own architecture record decides.
+    if saved_model is not None and model_config is not None and _head_agnostic(saved_model) != _head_agnostic(model_config):
+        raise ConfigError(f"{workdir}: cannot resume: the checkpoint holds {_describe(saved_model)}, this config "
+                          f"builds {_describe(model_config)}; use a new --workdir with --config.model.init_from={workdir}")
 
 
 def _parse_value(text: str) -> Any:

@@ -22,7 +22,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, read_json_item
+from rsclip_jax.checkpoint.architecture import config_from_record
+from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, MODEL_ITEM, read_json_item
 from rsclip_jax.data.pipeline import to_global_batch
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import check_resume_compatible
@@ -70,7 +71,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     start = checkpointer.latest_step()
     if start is not None:
         saved = read_json_item(workdir, start, CONFIG_ITEM) or {}
-        check_resume_compatible(workdir, saved, config, allow_config_change)
+        record = read_json_item(workdir, start, MODEL_ITEM)
+        saved_model = config_from_record(record, workdir) if record is not None else None
+        check_resume_compatible(workdir, saved, config, allow_config_change, saved_model, run.model_config)
         start, state = checkpointer.restore(run.abstract_state, data_iter)
         _log(f"resumed from {checkpointer.directory} at step {start}")
     else:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from jax.experimental import multihost_utils
 import optax
 from flax import nnx
@@ -162,22 +163,33 @@ def _check_init_architecture(source: str, recorded: CLIPConfig | None, model_con
 def ensure_train_data(config: ml_collections.ConfigDict) -> None:
     """Builds `data.train` from `data.build_from` when it holds no shards yet (e.g. configs/demo.py).
 
-    Process 0 builds; every process then waits for it, so all read the same shards.
+    Process 0 decides and builds, on a filesystem every process reads; every process learns the
+    outcome, so none waits at a barrier for a build that failed.
     """
     d = config.data
     if not d.train:
         raise ValueError("config.data.train is empty: point it at a directory built by `rsclip data build`")
-    if os.path.isfile(os.path.join(d.train, shards.MANIFEST_NAME)):
+    missing = not os.path.isfile(os.path.join(d.train, shards.MANIFEST_NAME))
+    if jax.process_count() > 1:
+        missing = bool(multihost_utils.broadcast_one_to_all(np.array(missing)))
+    if not missing:
         return
     if not d.build_from:
         raise ValueError(f"config.data.train={d.train} holds no shards (no {shards.MANIFEST_NAME}); build them with "
                          f"`rsclip data build --csv CAPTIONS.csv --out {d.train}`, or set config.data.build_from")
+    error = ""
     if jax.process_index() == 0:
         csvs = tuple(c.strip() for c in d.build_from.split(",") if c.strip())
         print(f"[train] building {d.train} from {', '.join(csvs)} (config.data.build_from)", file=sys.stderr)
-        build(BuildConfig(csvs=csvs, out_dir=d.train))
+        try:
+            build(BuildConfig(csvs=csvs, out_dir=d.train))
+        except (ValueError, OSError) as e:
+            error = f"config.data.build_from: {e}"
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("rsclip_build_train_data")
+        failed = bool(multihost_utils.broadcast_one_to_all(np.array(bool(error))))
+        error = error or ("process 0 could not build config.data.train; see its log" if failed else "")
+    if error:
+        raise ValueError(error)
 
 
 def train_data(config: ml_collections.ConfigDict, image_size: int) -> Any:
