@@ -101,6 +101,9 @@ def test_paper_suite_says_which_weights_it_needs(tmp_path, capsys):
     line = _error(capsys, *base, "--weights-dir", tmp_path / "nope")
     assert f"--weights-dir {tmp_path / 'nope'}: no such directory" in line
     assert not (tmp_path / "r.json").exists()
+    for flags in (["--best"], ["--step", "3"], ["--checkpoint", "x.pt"]):
+        line = _error(capsys, *base, "--weights-dir", tmp_path / "empty", *flags)
+        assert "--checkpoint, --step and --best do not apply" in line
 
 
 # 2. CSV separators: `\t` as typed in a shell, `tab`, or detected -------------------------------
