@@ -29,6 +29,7 @@ from rsclip_jax.checkpoint.openclip import (
     load_state_dict_into,
     model_from_state_dict,
 )
+from rsclip_jax.checkpoint.openclip_dir import is_openclip_dir, read_model_cfg, save_openclip_dir, weights_file
 from rsclip_jax.checkpoint.torch_format import (
     UnsafeCheckpointError,
     is_safetensors,
@@ -61,8 +62,8 @@ def load_checkpoint_with_info(
     """Loads a checkpoint into a CLIP model, and says what was loaded.
 
     Args:
-        path: `.pt`/`.pth`/`.bin` (torch zip pickle, read safely), `.safetensors`, or an rsclip
-            training workdir.
+        path: `.pt`/`.pth`/`.bin` (torch zip pickle, read safely), `.safetensors`, an OpenCLIP hub
+            folder (`open_clip_config.json` + weights), or an rsclip training workdir.
         model: registry name or config. Default: the architecture recorded with the weights, else
             inferred from the shapes (which has to guess the activation, and says so).
         step, best: for a workdir, which checkpoint (default: the latest).
@@ -70,7 +71,7 @@ def load_checkpoint_with_info(
         create_kwargs: `dtype`, `scan_layers`, `remat_policy` for the created model.
 
     Returns:
-        (model, info): info has `checkpoint`, `format` (`openclip` or `rsclip-workdir`), `model`
+        (model, info): info has `checkpoint`, `format` (`openclip`, `openclip-dir` or `rsclip-workdir`), `model`
         (the architecture's name) and, for a workdir, `step`.
 
     Raises:
@@ -78,10 +79,21 @@ def load_checkpoint_with_info(
         FileNotFoundError: for a missing path, a folder that is not a workdir, or a missing step.
     """
     info: dict[str, Any] = {"checkpoint": os.path.abspath(path)}
-    if os.path.isdir(path):
+    if os.path.isdir(path) and is_openclip_dir(path):
+        if step is not None or best:
+            raise ValueError(f"--step/--best choose a checkpoint of a training workdir; {path} is an OpenCLIP folder")
+        if is_workdir(path):
+            print(f"warning: {path} is both an OpenCLIP folder and a training workdir; loading the OpenCLIP folder "
+                  f"({weights_file(path).name})", file=sys.stderr)
+        weights = weights_file(path)
+        recorded = _recorded_unless_overridden(lambda: read_model_cfg(path), model)
+        clip = _from_state_dict(path, load_state_dict(weights), model, recorded, create_kwargs)
+        info.update(format="openclip-dir", weights=str(weights))
+    elif os.path.isdir(path):
         if not is_workdir(path):
-            raise FileNotFoundError(f"{path}: a directory but not an rsclip training workdir (no checkpoints/ inside); "
-                                    "pass a .pt/.safetensors file or a workdir written by `rsclip train`")
+            raise FileNotFoundError(f"{path}: a directory but neither an rsclip training workdir (no checkpoints/ "
+                                    "inside) nor an OpenCLIP folder (no open_clip_config.json); pass a "
+                                    ".pt/.safetensors file or such a folder")
         chosen = select_step(path, step, best)
         recorded = _recorded_unless_overridden(lambda: workdir_model_config(path, chosen), model)
         config = resolve_config(path, {}, model, recorded)
@@ -92,19 +104,23 @@ def load_checkpoint_with_info(
     elif os.path.exists(path):
         if step is not None or best:
             raise ValueError(f"--step/--best choose a checkpoint of a training workdir; {path} is a single file")
-        state_dict = load_state_dict(path)
         metadata = load_safetensors_metadata(path) if is_safetensors(path) else None
         recorded = _recorded_unless_overridden(lambda: read_recorded_config(path, metadata), model)
-        config = resolve_config(path, state_dict, model, recorded)
-        try:
-            clip = load_state_dict_into(create_model(config, abstract=True, **create_kwargs), state_dict)
-        except CheckpointMismatchError as e:
-            raise CheckpointMismatchError(f"{path}: {e}") from None
+        clip = _from_state_dict(path, load_state_dict(path), model, recorded, create_kwargs)
         info.update(format="openclip")
     else:
         raise FileNotFoundError(f"{path}: no such checkpoint file or workdir")
     info["model"] = config_name(clip.config) or "custom architecture"
     return clip, info
+
+
+def _from_state_dict(path: str | os.PathLike, state_dict: dict[str, Any], model: str | CLIPConfig | None,
+                     recorded: CLIPConfig | None, create_kwargs: dict[str, Any]) -> CLIP:
+    config = resolve_config(path, state_dict, model, recorded)
+    try:
+        return load_state_dict_into(create_model(config, abstract=True, **create_kwargs), state_dict)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"{path}: {e}") from None
 
 
 def _recorded_unless_overridden(read: Any, model: str | CLIPConfig | None) -> CLIPConfig | None:
@@ -162,6 +178,7 @@ __all__ = [
     "load_state_dict_into",
     "model_from_state_dict",
     "save_checkpoint",
+    "save_openclip_dir",
     "save_state_dict",
     "sidecar_path",
 ]

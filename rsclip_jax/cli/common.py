@@ -77,7 +77,8 @@ def check_output_path(path: str, flag: str) -> str:
     return path
 
 
-CHECKPOINT_HELP = "OpenCLIP/RemoteCLIP weights (.pt, .pth, .bin, .safetensors) or an rsclip training workdir"
+CHECKPOINT_HELP = ("OpenCLIP/RemoteCLIP weights (.pt, .pth, .bin, .safetensors), an OpenCLIP hub folder "
+                   "(open_clip_config.json + weights) or an rsclip training workdir")
 MODEL_HELP = ("architecture name (see `rsclip models`); default: the one recorded with the weights, else "
               "inferred from their shapes")
 

@@ -21,6 +21,7 @@ from flax import nnx
 
 from rsclip_jax.checkpoint import load_state_dict, load_state_dict_into
 from rsclip_jax.checkpoint.architecture import read_recorded_config
+from rsclip_jax.checkpoint.openclip_dir import is_openclip_dir, read_model_cfg, weights_file
 from rsclip_jax.checkpoint.torch_format import is_safetensors, load_safetensors_metadata
 from rsclip_jax.checkpoint.workdir import restore_variables, select_step, workdir_model_config
 from rsclip_jax.data import shards
@@ -124,20 +125,25 @@ def _check_batch_split_by_process(mesh: jax.sharding.Mesh, batch_axes: tuple[str
 
 
 def initial_state(run: Run) -> TrainState:
-    """A fresh sharded state: from scratch, from OpenCLIP weights, or from an rsclip workdir's params."""
+    """A fresh sharded state: from scratch, from OpenCLIP weights (a file or a hub folder), or from an
+    rsclip workdir's params."""
     config, tx = run.config, run.tx
     source = config.model.init_from
     if not source:
         fresh = lambda: init_train_state(_create(config, run.model_config), tx)[1]  # noqa: E731
         return jax.jit(fresh, out_shardings=run.shardings)()
-    if os.path.isdir(source):
+    if os.path.isdir(source) and not is_openclip_dir(source):
         step = select_step(source)
         _check_init_architecture(source, workdir_model_config(source, step), run.model_config)
         params, rest = restore_variables(source, step, run.abstract_state.params, run.abstract_state.rest)
     else:
-        metadata = load_safetensors_metadata(source) if is_safetensors(source) else None
-        _check_init_architecture(source, read_recorded_config(source, metadata), run.model_config)
-        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(source),
+        if os.path.isdir(source):  # an OpenCLIP hub folder: its model_cfg is the record
+            weights, recorded = weights_file(source), read_model_cfg(source)
+        else:
+            metadata = load_safetensors_metadata(source) if is_safetensors(source) else None
+            weights, recorded = source, read_recorded_config(source, metadata)
+        _check_init_architecture(source, recorded, run.model_config)
+        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(weights),
                                      keep_missing=("logit_bias",))
         _, params, rest = nnx.split(model, nnx.Param, ...)
 
