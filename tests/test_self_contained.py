@@ -15,8 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 CHECKED = ["tests", "docs", "README.md", "configs", ".ci"]
 SKIP_DIRS = {"__pycache__", ".pytest_cache"}
 
-# A reference to a folder beside the checkout (`../shared`, `.parent / "shared"`, `"shared" / "samples"`)
-# or to an absolute path into /work/, the machine these tests were written on.
+# A reference to the folder beside the checkout that only CI has (as `../NAME`, `.parent / "NAME"`,
+# `"NAME" / "samples"`) or to an absolute path into /work/, the machine these tests were written on.
 OUTSIDE = re.compile(
     r"\.\.[/\\]+shared\b"
     r"|shared[/\\]+samples"
@@ -24,6 +24,10 @@ OUTSIDE = re.compile(
     r"|(?:\.parent|\.parents\[\d+\])\s*/\s*[\"']shared[\"']"
     r"|(?<![\w.~/-])/work/"
 )
+
+
+# The folder's name, spelt in two parts so this file's own examples are not references themselves.
+BESIDE = "sha" + "red"
 
 
 def outside_references(text: str) -> list[str]:
@@ -45,10 +49,10 @@ def _checked_files() -> list[Path]:
 @pytest.mark.parametrize(
     "line",
     [
-        'SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "samples"',
-        'SHARED_SAMPLES = REPO.parent / "shared" / "samples"',
-        "rsclip data caption --images ../shared/samples/deepforest --out x.csv",
-        'os.path.join(root, "shared", "samples")',
+        f'SHARED = Path(__file__).resolve().parents[1].parent / "{BESIDE}" / "samples"',
+        f'SHARED_SAMPLES = REPO.parent / "{BESIDE}" / "samples"',
+        f"rsclip data caption --images ../{BESIDE}/samples/deepforest --out x.csv",
+        f'os.path.join(root, "{BESIDE}", "samples")',
         'Image.open("/work/main/data/samples/tiles/a.png")',
         "cd /work/main && python -m pytest",
     ],
