@@ -292,7 +292,9 @@ jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, pro
 from rsclip_jax.checkpoint import load_checkpoint
 from rsclip_jax.evaluate.suite import Evaluator
 specs = json.loads(sys.argv[4])
-metrics = Evaluator(specs, batch_size=24).results(load_checkpoint(sys.argv[3], model="tiny-ViT"))
+evaluator = Evaluator(specs, batch_size=24)
+metrics = evaluator.results(load_checkpoint(sys.argv[3], model="tiny-ViT"))
+assert len(evaluator.extractor.fingerprint) == 64  # replicated weights hash on every host (rsclip eval's report)
 print("RESULT " + json.dumps([r.metrics for r in metrics]))
 """
 

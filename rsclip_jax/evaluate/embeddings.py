@@ -156,7 +156,8 @@ class Extractor:
     @property
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(self._state)):
+            readable = lambda x: getattr(x, "is_fully_addressable", True) or x.is_fully_replicated  # noqa: E731
+            if not all(readable(x) for x in jax.tree.leaves(self._state)):
                 # weights sharded over hosts (as training may hold them) cannot be hashed by one host
                 raise ValueError("the embedding cache needs weights every host can read; pass cache_dir=None "
                                  "for a model sharded over several processes")
