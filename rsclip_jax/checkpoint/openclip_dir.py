@@ -12,6 +12,7 @@ causal text transformer. Configs naming a timm or Hugging Face tower (`timm_mode
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -59,6 +60,8 @@ def openclip_model_cfg(config: CLIPConfig) -> dict[str, Any]:
                               "mlp_ratio": v.mlp_ratio}
     text = {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width, "heads": t.heads,
             "layers": t.layers, "mlp_ratio": t.mlp_ratio}
+    if t.pool_type != "argmax":  # OpenCLIP's own keys for pooling at a tokenizer's end token
+        text.update(pool_type=t.pool_type, eos_id=t.eos_id)
     cfg: dict[str, Any] = {"embed_dim": config.embed_dim, "quick_gelu": config.quick_gelu, "vision_cfg": vision,
                            "text_cfg": text}
     if config.init_logit_bias is not None:  # a SigLIP head: OpenCLIP then builds the learnable bias too
@@ -85,7 +88,9 @@ def config_from_model_cfg(model_cfg: dict[str, Any], where: str) -> CLIPConfig:
             mlp_ratio=vision_cfg.get("mlp_ratio", 4.0),
         )
         text = TextConfig(**{k: text_cfg[k] for k in ("context_length", "vocab_size", "width", "heads", "layers",
-                                                      "mlp_ratio") if k in text_cfg})
+                                                      "mlp_ratio", "pool_type") if k in text_cfg})
+        if text.pool_type == "eos":
+            text = dataclasses.replace(text, eos_id=text_cfg.get("eos_id", 2))  # OpenCLIP's default eos_id
         return CLIPConfig(embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
                           quick_gelu=bool(model_cfg.get("quick_gelu", False)),
                           init_logit_bias=model_cfg.get("init_logit_bias")).validate()

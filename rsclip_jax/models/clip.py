@@ -100,16 +100,24 @@ class CLIP(nnx.Module):
         return l2_normalize(x) if normalize else x
 
     def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
-        """Text features from token ids (B, context_length), pooled at the EOT (argmax id) token."""
+        """Text features from token ids (B, context_length), pooled at the end-of-text token."""
         ctx = self.config.text.context_length
         if tokens.ndim != 2 or tokens.shape[1] != ctx:
             raise ValueError(f"expected tokens of shape (B, {ctx}), got {tokens.shape}")
         x = jnp.take(self.token_embedding[...], tokens, axis=0) + self.positional_embedding[...]
         x = self.ln_final(self.transformer(x))
-        # EOT has the largest id in the vocabulary, so argmax finds it (as OpenAI CLIP does).
-        pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=-1)[:, None, None], axis=1)[:, 0]
+        pooled = jnp.take_along_axis(x, self._pool_index(tokens)[:, None, None], axis=1)[:, 0]
         x = mm(pooled, self.text_projection[...], self.dtype, "bd,de->be").astype(jnp.float32)
         return l2_normalize(x) if normalize else x
+
+    def _pool_index(self, tokens: jax.Array) -> jax.Array:
+        """The position each row is pooled at (see `TextConfig.pool_type`)."""
+        t = self.config.text
+        if t.pool_type == "eos":
+            # The first eos_id (position 0 when a row has none), as transformers and OpenCLIP do.
+            return jnp.argmax(tokens == t.eos_id, axis=-1)
+        # OpenAI's EOT is the largest id in its vocabulary, so argmax finds it (the first, if repeated).
+        return jnp.argmax(tokens, axis=-1)
 
     def __call__(self, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """L2-normalised image and text features, and the temperature exp(logit_scale)."""

@@ -65,7 +65,12 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-    """Causal text transformer architecture (OpenAI CLIP style, pooled at the EOT token)."""
+    """Causal text transformer architecture (OpenAI CLIP style, pooled at the end-of-text token).
+
+    `pool_type` says where the sequence is pooled, with OpenCLIP's names: `argmax` (at the largest
+    token id, which is OpenAI's EOT; every OpenAI CLIP and RemoteCLIP model) or `eos` (at the first
+    `eos_id`, for vocabularies whose end token is not their largest id, as transformers does).
+    """
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -73,10 +78,16 @@ class TextConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    pool_type: str = "argmax"
+    eos_id: int | None = None
 
     def validate(self) -> None:
         if self.width % self.heads:
             raise ValueError(f"text.width {self.width} must be a multiple of text.heads {self.heads}")
+        if self.pool_type not in ("argmax", "eos"):
+            raise ValueError(f"text.pool_type must be 'argmax' or 'eos', got {self.pool_type!r}")
+        if self.pool_type == "eos" and not (isinstance(self.eos_id, int) and 0 <= self.eos_id < self.vocab_size):
+            raise ValueError(f"text.pool_type 'eos' needs text.eos_id in [0, {self.vocab_size}), got {self.eos_id!r}")
 
 
 @dataclasses.dataclass(frozen=True)
