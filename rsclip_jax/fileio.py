@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "temporary_name"]
+import numpy as np
+
+__all__ = ["atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json", "atomic_write_npz",
+           "temporary_name"]
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -51,3 +55,45 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, **dump_kwargs: Any) -> 
     """Atomically writes `obj` as JSON (indent 2 unless given), with a final newline."""
     dump_kwargs.setdefault("indent", 2)
     atomic_write_text(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def atomic_write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
+    """Atomically writes `np.savez(path, **arrays)` (at exactly `path`: no `.npz` is appended)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no second .npz to the temporary name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def atomic_write_folder(folder: str | os.PathLike, write: Callable[[Path], None]) -> list[Path]:
+    """Calls `write(staging)` for a fresh folder beside `folder`, then moves its files into `folder`.
+
+    A new `folder` appears whole (one rename). Into an existing folder each file is renamed over
+    its old version, so a reader sees every file old or new, never half written; files of the
+    folder that `write` did not produce are left alone. If `write` fails nothing is published.
+    Returns the published files.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(folder)
+    staging.mkdir()
+    try:
+        write(staging)
+        names = sorted(p.name for p in staging.iterdir())
+        if any((staging / n).is_dir() for n in names):
+            raise ValueError(f"{folder}: atomic_write_folder publishes files only, not sub-folders")
+        for name in names:
+            fd = os.open(staging / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if not folder.exists():
+            os.replace(staging, folder)
+        else:
+            for name in names:
+                os.replace(staging / name, folder / name)
+        return [folder / n for n in names]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
