@@ -80,21 +80,33 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).strip().lower()
 
 
+def bpe_merges(bpe_path: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """The merges of OpenAI's BPE table (default: the copy bundled in `rsclip_jax/resources`)."""
+    if bpe_path is None:
+        raw = (importlib.resources.files("rsclip_jax") / "resources" / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    else:
+        with open(bpe_path, "rb") as f:
+            raw = f.read()
+    lines = gzip.decompress(raw).decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]  # type: ignore[misc]
+
+
+def bpe_vocabulary(merges: Sequence[tuple[str, str]]) -> list[str]:
+    """The tokens of OpenAI's vocabulary in id order: bytes, bytes + `</w>`, merges, then the
+    start and end tokens (open_clip's spelling, ids 49406 and 49407)."""
+    byte_chars = list(_bytes_to_unicode().values())
+    return byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + list(_SPECIALS)
+
+
 class Tokenizer:
     """OpenAI CLIP BPE tokenizer; ``tokenizer(texts)`` equals ``open_clip.tokenize(texts)``."""
 
+    # What the embedding cache keys texts by, besides the strings themselves.
+    identity = "openai-bpe:open_clip-cleaning"
+
     def __init__(self, bpe_path: str | os.PathLike[str] | None = None) -> None:
-        if bpe_path is None:
-            res = importlib.resources.files("rsclip_jax") / "resources" / "bpe_simple_vocab_16e6.txt.gz"
-            raw = res.read_bytes()
-        else:
-            with open(bpe_path, "rb") as f:
-                raw = f.read()
-        lines = gzip.decompress(raw).decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
-        byte_chars = list(_bytes_to_unicode().values())
-        vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-        vocab += list(_SPECIALS)  # -> ids 49406, 49407, reachable via token_to_id()
+        merges = bpe_merges(bpe_path)
+        vocab = bpe_vocabulary(merges)
         assert len(vocab) == VOCAB_SIZE, len(vocab)
         self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
         hf = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
@@ -120,6 +132,9 @@ class Tokenizer:
                     else:
                         ids[i].extend(t.id for t in self._hf.model.tokenize(piece))
         return ids
+
+    def describe(self) -> str:
+        return "OpenAI CLIP's BPE, cleaned as open_clip does"
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (cleaned like open_clip), without SOT/EOT."""

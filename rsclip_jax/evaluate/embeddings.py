@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 from tqdm import tqdm
 
+from rsclip_jax.fileio import atomic_write_npz
 from rsclip_jax.models import CLIP
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
 from rsclip_jax.preprocess import ImageReadError, load_image, normalize_images, preprocess_image
@@ -71,6 +72,15 @@ def model_fingerprint(model: CLIP, state: Any = None) -> str:
         h.update(f"{jax.tree_util.keystr(path)}{arr.dtype}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+class TextTokenizer(Protocol):
+    """What `Extractor` tokenizes with (`rsclip_jax.tokenizer.Tokenizer`, a transformers folder's)."""
+
+    identity: str  # changes whenever the ids of some text would
+
+    def __call__(self, texts: Sequence[str], context_length: int) -> np.ndarray:
+        """(N, context_length) integer token ids."""
 
 
 class ImageReader(Protocol):
@@ -119,10 +129,15 @@ class Extractor:
         cache_dir: where embeddings are cached; None disables the disk cache.
         num_threads: image decoding threads per host.
         progress: show a progress bar (process 0) for inputs longer than one batch.
+        tokenizer: texts -> (N, context_length) ids, with an `identity` string for the cache key
+            (default: OpenAI's BPE as open_clip tokenizes; `rsclip_jax.checkpoint.load_tokenizer`
+            gives a transformers folder's own).
     """
 
     def __init__(self, model: CLIP, batch_size: int = 64, mesh: jax.sharding.Mesh | None = None,
-                 cache_dir: str | None = None, num_threads: int | None = None, progress: bool = True):
+                 cache_dir: str | None = None, num_threads: int | None = None, progress: bool = True,
+                 tokenizer: TextTokenizer | None = None):
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
         self.mesh = mesh if mesh is not None else default_mesh()
         n = self.mesh.devices.size
         self.batch_size = -(-batch_size // n) * n
@@ -196,10 +211,11 @@ class Extractor:
     def texts(self, texts: Sequence[str]) -> np.ndarray:
         """(M, D) float32 L2-normalised text embeddings, in input order."""
         texts = list(texts)
-        key = self._key("text", {"items": texts, "context_length": self.context_length})
+        key = self._key("text", {"items": texts, "context_length": self.context_length,
+                                 "tokenizer": self.tokenizer.identity})
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
-            tokens = get_tokenizer()(texts, context_length=self.context_length)
+            tokens = self.tokenizer(texts, context_length=self.context_length)
 
             def load(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 ok = rows < len(tokens)
@@ -238,10 +254,8 @@ class Extractor:
                 return self._memo[key]
         result = compute()
         if path is not None and jax.process_index() == 0:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp.npz"
-            np.savez(tmp, embeddings=result[0], valid=result[1])
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+            # atomic: a concurrent reader never sees half a file
+            atomic_write_npz(path, {"embeddings": result[0], "valid": result[1]})
         self._memo[key] = result
         return result
 

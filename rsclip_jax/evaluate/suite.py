@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from rsclip_jax.evaluate.embeddings import Extractor
+from rsclip_jax.evaluate.embeddings import Extractor, TextTokenizer
 from rsclip_jax.evaluate.registry import Task, TaskResult
 from rsclip_jax.evaluate.tasks import make_task
 from rsclip_jax.models import CLIP
@@ -59,15 +59,17 @@ class Evaluator:
     """
 
     def __init__(self, tasks: Sequence[Mapping[str, Any] | Task], batch_size: int = 64,
-                 mesh: jax.sharding.Mesh | None = None, cache_dir: str | None = None, verbose: bool = False):
+                 mesh: jax.sharding.Mesh | None = None, cache_dir: str | None = None, verbose: bool = False,
+                 tokenizer: TextTokenizer | None = None):
         self.tasks = [make_task(t) for t in tasks]
         self.batch_size, self.mesh, self.cache_dir, self.verbose = batch_size, mesh, cache_dir, verbose
+        self.tokenizer = tokenizer
         self.extractor: Extractor | None = None
 
     def results(self, model: CLIP, label: str = "") -> list[Result]:
         """Every task's full result for `model`."""
         if self.extractor is None:
-            self.extractor = Extractor(model, self.batch_size, self.mesh, self.cache_dir)
+            self.extractor = Extractor(model, self.batch_size, self.mesh, self.cache_dir, tokenizer=self.tokenizer)
         else:
             self.extractor.set_model(model)
         out = []
