@@ -47,7 +47,11 @@ def _images(size):
 def test_written_folder_loads_in_open_clip_with_the_same_outputs(name, tmp_path, capsys):
     model = create_model(name, seed=7)
     save_checkpoint(model, tmp_path / "src.safetensors")
-    assert main(["convert", str(tmp_path / "src.safetensors"), str(tmp_path / "hub")]) == 0  # a folder: inferred
+    # a new folder is either layout: --to says which; an existing folder keeps its own
+    assert main(["convert", str(tmp_path / "src.safetensors"), str(tmp_path / "hub")]) == 1
+    assert "--to hf (transformers) or --to openclip-dir" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "src.safetensors"), str(tmp_path / "hub"), "--to", "openclip-dir"]) == 0
+    assert main(["convert", str(tmp_path / "src.safetensors"), str(tmp_path / "hub")]) == 0
     assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["open_clip_config.json",
                                                                     "open_clip_model.safetensors"]
     torch_model, preprocess = open_clip.create_model_from_pretrained(f"local-dir:{tmp_path / 'hub'}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
-from rsclip_jax.checkpoint import load_checkpoint_with_info
+from rsclip_jax.checkpoint import load_checkpoint_with_info, load_tokenizer
 from rsclip_jax.models import CLIP
 
 
@@ -78,7 +79,8 @@ def check_output_path(path: str, flag: str) -> str:
 
 
 CHECKPOINT_HELP = ("OpenCLIP/RemoteCLIP weights (.pt, .pth, .bin, .safetensors), an OpenCLIP hub folder "
-                   "(open_clip_config.json + weights) or an rsclip training workdir")
+                   "(open_clip_config.json + weights), a transformers CLIP folder (config.json + weights) or an "
+                   "rsclip training workdir")
 MODEL_HELP = ("architecture name (see `rsclip models`); default: the one recorded with the weights, else "
               "inferred from their shapes")
 
@@ -98,10 +100,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
 
 
-def load_model_from_args(args: argparse.Namespace) -> CLIP:
-    """The model of `--checkpoint` (`--model`, `--step`/`--best`, `--dtype`), announced on stderr."""
+def load_model_from_args(args: argparse.Namespace) -> tuple[CLIP, Any]:
+    """The model of `--checkpoint` (`--model`, `--step`/`--best`, `--dtype`) and its tokenizer
+    (a transformers folder's own, else OpenAI's BPE), announced on stderr."""
     model, info = load_checkpoint_with_info(args.checkpoint, args.model, step=getattr(args, "step", None),
                                             best=getattr(args, "best", False), dtype=args.dtype)
     where = f", step {info['step']}" if "step" in info else ""
     print(f"loaded {args.checkpoint} ({info['model']}{where})", file=sys.stderr)
-    return model
+    tokenizer = load_tokenizer(args.checkpoint)
+    print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
+    return model, tokenizer

@@ -17,7 +17,7 @@ from rsclip_jax.cli.common import (
     read_text_lines,
 )
 from rsclip_jax.evaluate.embeddings import Extractor
-from rsclip_jax.fileio import atomic_write, atomic_write_json
+from rsclip_jax.fileio import atomic_write_json, atomic_write_npz
 from rsclip_jax.preprocess import expand_image_paths
 
 DEFAULT_TEMPLATES = "remote_sensing.txt"
@@ -50,18 +50,14 @@ def npz_path(out: str) -> str:
     return out if out.lower().endswith(".npz") else out + ".npz"
 
 
-def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with open(path, "wb") as f:  # a file object: numpy appends no second .npz to the temporary name
-        np.savez(f, **arrays)
-
-
 def run_embed(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("give --images, --texts or both")
     out_path = check_output_path(npz_path(args.out), "--out")
     paths = expand_image_paths(args.images) if args.images else []
     texts = read_text_lines(args.texts) if args.texts else []
-    extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
+    model, tokenizer = load_model_from_args(args)
+    extractor = Extractor(model, batch_size=args.batch_size, tokenizer=tokenizer)
     out: dict[str, np.ndarray] = {}
     if args.images:
         images = extractor.images(paths, skip_missing=args.skip_bad)
@@ -73,7 +69,7 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.texts:
         out.update(text_embeddings=extractor.texts(texts), texts=np.array(texts, dtype=str))
         print(f"embedded {len(texts)} texts", file=sys.stderr)
-    atomic_write(out_path, lambda tmp: _savez(tmp, out))
+    atomic_write_npz(out_path, out)
     print(f"wrote {out_path}", file=sys.stderr)
     return 0
 
@@ -122,7 +118,8 @@ def run_classify(args: argparse.Namespace) -> int:
         check_output_path(args.json, "--json")
     templates = load_templates(args.templates)
     paths = expand_image_paths(args.images)
-    extractor = Extractor(load_model_from_args(args), batch_size=args.batch_size)
+    model, tokenizer = load_model_from_args(args)
+    extractor = Extractor(model, batch_size=args.batch_size, tokenizer=tokenizer)
     classes = extractor.classifier(labels, templates)
     images = extractor.images(paths, skip_missing=args.skip_bad)
     kept = [paths[i] for i in images.kept]

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 
 from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP, add_checkpoint_choice_args, check_output_path, positive_int
+from rsclip_jax.checkpoint import load_tokenizer
 from rsclip_jax.cli.train import init_distributed
 from rsclip_jax.evaluate.embeddings import default_cache_dir
 from rsclip_jax.evaluate.models import load_model
@@ -164,10 +165,13 @@ def evaluate_checkpoint(checkpoint: str, tasks: list[Task], out: str, config: di
                         batch_size: int = 64, cache_dir: str | None = None, plots: bool = True) -> int:
     """Loads a checkpoint, runs the tasks and writes the report (JSON, Markdown, plots) at `out`."""
     clip, info = load_model(checkpoint, model, dtype, step=step, best=best)
+    tokenizer = load_tokenizer(checkpoint)
+    info["tokenizer"] = tokenizer.describe()
     label = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
     where = f", step {info['step']}" if "step" in info else ""
-    print(f"[eval] {label}: {info['model']} ({info['format']}{where})", file=sys.stderr)
-    evaluator = Evaluator(tasks, batch_size, cache_dir=cache_dir, verbose=True)
+    print(f"[eval] {label}: {info['model']} ({info['format']}{where}); tokenizer: {info['tokenizer']}",
+          file=sys.stderr)
+    evaluator = Evaluator(tasks, batch_size, cache_dir=cache_dir, verbose=True, tokenizer=tokenizer)
     results = evaluator.results(clip, label)
     config["model"] = {**info, "label": label, "fingerprint": evaluator.extractor.fingerprint}
     return write_report(out, results, config, None, f"Evaluation of {label}", plots)

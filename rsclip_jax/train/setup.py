@@ -19,10 +19,8 @@ from jax.experimental import multihost_utils
 import optax
 from flax import nnx
 
-from rsclip_jax.checkpoint import load_state_dict, load_state_dict_into
-from rsclip_jax.checkpoint.architecture import read_recorded_config
-from rsclip_jax.checkpoint.openclip_dir import is_openclip_dir, read_model_cfg, weights_file
-from rsclip_jax.checkpoint.torch_format import is_safetensors, load_safetensors_metadata
+from rsclip_jax.checkpoint import FolderTokenizer, folder_layout, load_state_dict_into, read_weights_source
+from rsclip_jax.checkpoint.transformers_tokenizer import has_tokenizer_files
 from rsclip_jax.checkpoint.workdir import restore_variables, select_step, workdir_model_config
 from rsclip_jax.data import shards
 from rsclip_jax.data.build import BuildConfig, build
@@ -125,25 +123,27 @@ def _check_batch_split_by_process(mesh: jax.sharding.Mesh, batch_axes: tuple[str
 
 
 def initial_state(run: Run) -> TrainState:
-    """A fresh sharded state: from scratch, from OpenCLIP weights (a file or a hub folder), or from an
-    rsclip workdir's params."""
+    """A fresh sharded state: from scratch, from OpenCLIP weights (a file or a hub folder), from a
+    transformers CLIP folder, or from an rsclip workdir's params."""
     config, tx = run.config, run.tx
     source = config.model.init_from
     if not source:
         fresh = lambda: init_train_state(_create(config, run.model_config), tx)[1]  # noqa: E731
         return jax.jit(fresh, out_shardings=run.shardings)()
-    if os.path.isdir(source) and not is_openclip_dir(source):
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"config.model.init_from={source}: no such file or folder")
+    layout = folder_layout(source) if os.path.isdir(source) else "openclip"
+    if layout == "rsclip-workdir":
         step = select_step(source)
         _check_init_architecture(source, workdir_model_config(source, step), run.model_config)
         params, rest = restore_variables(source, step, run.abstract_state.params, run.abstract_state.rest)
     else:
-        if os.path.isdir(source):  # an OpenCLIP hub folder: its model_cfg is the record
-            weights, recorded = weights_file(source), read_model_cfg(source)
-        else:
-            metadata = load_safetensors_metadata(source) if is_safetensors(source) else None
-            weights, recorded = source, read_recorded_config(source, metadata)
+        # a weights file, an OpenCLIP hub folder (its model_cfg is the record) or a transformers folder
+        state_dict, recorded, _ = read_weights_source(source, layout)
         _check_init_architecture(source, recorded, run.model_config)
-        model = load_state_dict_into(_create(config, run.model_config, abstract=True), load_state_dict(weights),
+        if layout == "transformers":
+            _check_training_tokenizer(source)
+        model = load_state_dict_into(_create(config, run.model_config, abstract=True), state_dict,
                                      keep_missing=("logit_bias",))
         _, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -164,6 +164,14 @@ def _check_init_architecture(source: str, recorded: CLIPConfig | None, model_con
             f"config.model.init_from={source} holds {config_name(recorded) or recorded}, but config.model.name builds "
             f"{config_name(model_config) or model_config}; set --config.model.name to the checkpoint's architecture"
         )
+
+
+def _check_training_tokenizer(source: str) -> None:
+    """Training tokenizes with OpenAI's BPE; a transformers folder trained with another vocabulary
+    would be fed ids it never saw."""
+    if has_tokenizer_files(source) and not FolderTokenizer(source).is_openai_bpe:
+        raise ValueError(f"config.model.init_from={source}: the folder's tokenizer is not OpenAI CLIP's BPE, which "
+                         "rsclip training tokenizes with; fine-tuning it here would feed the text tower other ids")
 
 
 def ensure_train_data(config: ml_collections.ConfigDict) -> None:
