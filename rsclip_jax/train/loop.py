@@ -25,10 +25,11 @@ from tqdm import tqdm
 from rsclip_jax.checkpoint.architecture import config_from_record
 from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, MODEL_ITEM, read_json_item
 from rsclip_jax.data.pipeline import to_global_batch
+from rsclip_jax.models.flops import train_step_flops
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import check_resume_compatible
 from rsclip_jax.train.evals import TrainingEvals
-from rsclip_jax.train.metrics import MetricWriter, model_flops_per_step, peak_flops_per_device
+from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
 from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
 
@@ -80,14 +81,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         start, state = 0, initial_state(run)
         _log(f"started from {'scratch' if not config.model.init_from else config.model.init_from}")
     writer = MetricWriter(workdir, resume_step=start)
-    step_fn = _compile(run, state, data_iter)
+    step_fn = train_step_for(run)
     summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, training_evals)
     writer.close()
     checkpointer.close()
     return summary
 
 
-def _compile(run: Run, state: Any, data_iter: Any) -> Any:
+def train_step_for(run: Run) -> Any:
+    """The jitted train step `rsclip train` runs for `run` (loss, accumulation, shardings, donation)."""
     config = run.config
     loss = LossConfig(config.loss.name, config.loss.chunk_size or None)
     step = make_train_step(run.graphdef, run.tx, run.schedule, run.mesh, batch_axes=run.batch_axes, loss=loss,
@@ -99,7 +101,12 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
           checkpointer: Checkpointer, writer: MetricWriter, training_evals: TrainingEvals) -> dict[str, Any]:
     config_dict = config.to_dict()
     preemption = _Preemption()
-    flops, peak = model_flops_per_step(run.model_config, config.batch_size) / run.mesh.devices.size, peak_flops_per_device()
+    step_flops = train_step_flops(run.model_config, config.batch_size)
+    flops, peak = step_flops.total / run.mesh.devices.size, peak_flops_per_device(config.peak_tflops_per_device)
+    _log(f"model FLOPs per step: {step_flops.total:.3e} (image tower {step_flops.image_tower:.3e}, text tower "
+         f"{step_flops.text_tower:.3e}, loss {step_flops.loss:.3e}); peak per device: "
+         + (f"{peak / 1e12:g} TFLOP/s, so metrics log mfu" if peak else
+            "unknown for this device kind, so no mfu (set --config.peak_tflops_per_device)"))
     # Redraw often on a terminal; in logs (not a TTY) every redraw is a line, so only every 30 s.
     bar = tqdm(total=config.total_steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=jax.process_index() != 0, dynamic_ncols=True,

@@ -27,49 +27,11 @@ _PEAK_FLOPS = {
 }
 
 
-def _transformer_flops(tokens: int, width: int, layers: int, mlp_ratio: float) -> float:
-    """Matmul FLOPs of `layers` pre-LN blocks on one sequence (q/k/v/out, scores, values, MLP)."""
-    t, w, m = tokens, width, int(width * mlp_ratio)
-    return layers * (8 * t * w * w + 4 * t * w * m + 4 * t * t * w)
-
-
-def _resnet_flops(v: Any, embed_dim: int) -> float:
-    conv = lambda r, k, cin, cout: 2 * r * r * k * k * cin * cout  # noqa: E731
-    w, r = v.width, v.image_size // 2
-    total = conv(r, 3, 3, w // 2) + conv(r, 3, w // 2, w // 2) + conv(r, 3, w // 2, w)
-    r, cin = r // 2, w
-    for stage, (blocks, mult) in enumerate(zip(v.layers, (1, 2, 4, 8))):
-        planes = w * mult
-        for j in range(blocks):
-            stride = 2 if (j == 0 and stage > 0) else 1
-            r_out = r // stride
-            total += conv(r, 1, cin, planes) + conv(r, 3, planes, planes) + conv(r_out, 1, planes, 4 * planes)
-            if j == 0:
-                total += conv(r_out, 1, cin, 4 * planes)  # downsample branch
-            r, cin = r_out, 4 * planes
-    tokens, c = r * r + 1, cin
-    return total + 2 * tokens * c * c * 2 + 2 * c * c + 4 * tokens * c + 2 * c * embed_dim
-
-
-def model_flops_per_step(config: Any, batch_size: int) -> float:
-    """Model FLOPs of one training step (forward + backward = 3x forward), counted analytically.
-
-    XLA's cost analysis counts a `lax.scan` body once, not once per layer, so it cannot be used with
-    scanned layers. Rematerialisation and the GradCache re-embedding are not counted (the usual
-    MFU convention).
-    """
-    v, t = config.vision, config.text
-    text = _transformer_flops(t.context_length, t.width, t.layers, t.mlp_ratio) + 2 * t.width * config.embed_dim
-    if v.is_resnet:
-        vision = _resnet_flops(v, config.embed_dim)
-    else:
-        grid = v.image_size // v.patch_size
-        vision = (2 * grid * grid * 3 * v.patch_size**2 * v.width
-                  + _transformer_flops(grid * grid + 1, v.width, v.layers, v.mlp_ratio) + 2 * v.width * config.embed_dim)
-    return 3.0 * batch_size * (vision + text)
-
-
-def peak_flops_per_device() -> float | None:
+def peak_flops_per_device(override_tflops: float = 0.0) -> float | None:
+    """Peak dense bf16 FLOP/s of this job's devices: `override_tflops` (config
+    `peak_tflops_per_device`) when set, else the table's value for the device kind, else None."""
+    if override_tflops:
+        return override_tflops * 1e12
     kind = jax.devices()[0].device_kind
     for prefix, flops in _PEAK_FLOPS.items():
         if kind.startswith(prefix):
