@@ -39,6 +39,8 @@ class CLIP(nnx.Module):
             one bool for both towers or a (visual, text) pair.
         remat_policy: rematerialisation of transformer blocks: none, full, dots_saveable, ...;
             one policy for both towers or a (visual, text) pair.
+        attention: `xla`, `cudnn` (fused flash attention, bfloat16 on NVIDIA GPUs) or `auto` (cuDNN
+            where it runs, else XLA); see `layers.resolve_attention`.
         rngs: parameter initialisation keys.
     """
 
@@ -49,6 +51,7 @@ class CLIP(nnx.Module):
         dtype: str = "float32",
         scan_layers: bool | tuple[bool, bool] = True,
         remat_policy: str | tuple[str, str] = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         visual_scan, text_scan = scan_layers if isinstance(scan_layers, tuple) else (scan_layers,) * 2
@@ -67,6 +70,7 @@ class CLIP(nnx.Module):
             dtype=cdt,
             scan_layers=visual_scan,
             remat_policy=visual_remat,
+            attention=attention,
             rngs=rngs,
         )
         t = config.text
@@ -82,6 +86,7 @@ class CLIP(nnx.Module):
             dtype=cdt,
             scan_layers=text_scan,
             remat_policy=text_remat,
+            attention=attention,
             rngs=rngs,
         )
         self.ln_final = LayerNorm(t.width)
@@ -135,6 +140,7 @@ def create_model(
     dtype: str = "float32",
     scan_layers: bool | tuple[bool, bool] = True,
     remat_policy: str | tuple[str, str] = "none",
+    attention: str = "xla",
     abstract: bool = False,
     **overrides: Any,
 ) -> CLIP:
@@ -148,6 +154,7 @@ def create_model(
         config = CLIPConfig.from_dict({**config.to_dict(), **overrides})
 
     def build() -> CLIP:
-        return CLIP(config, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy, rngs=nnx.Rngs(seed))
+        return CLIP(config, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy, attention=attention,
+                    rngs=nnx.Rngs(seed))
 
     return nnx.eval_shape(build) if abstract else build()

@@ -15,6 +15,7 @@ per layer, and measured 2x faster on CPU than a Python loop (see docs/performanc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -79,8 +80,66 @@ def activation(quick: bool) -> Callable[[Array], Array]:
 
 
 def mm(x: Array, w: Array, dtype: jnp.dtype, spec: str) -> Array:
-    """einsum with inputs cast to the compute dtype and float32 accumulation."""
+    """einsum with inputs cast to the compute dtype and float32 accumulation.
+
+    In bfloat16 the backward also multiplies in bfloat16 (as torch autocast does), through a custom
+    VJP: left to autodiff, the float32 cotangent meets a bfloat16 operand and XLA CPU falls back
+    to a mixed-precision dot at half the bfloat16 rate (docs/performance.md).
+    """
+    if jnp.dtype(dtype) == jnp.bfloat16:
+        return _bf16_einsum(spec, x, w)
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bf16_einsum(spec: str, x: Array, w: Array) -> Array:
+    return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+
+
+def _bf16_einsum_fwd(spec: str, x: Array, w: Array) -> tuple[Array, tuple[Array, Array, Any, Any]]:
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    out = jnp.einsum(spec, xb, wb, preferred_element_type=jnp.float32)
+    # zero-size dtype carriers: the residuals stay the bfloat16 copies, half the memory of float32
+    return out, (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+
+
+def _bf16_einsum_bwd(spec: str, res: tuple[Array, Array, Any, Any], g: Array) -> tuple[Array, Array]:
+    xb, wb, x_dtype, w_dtype = res
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    gb = g.astype(jnp.bfloat16)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", gb, wb, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", xb, gb, preferred_element_type=jnp.float32)
+    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
+
+
+_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+
+
+def resolve_attention(attention: str, dtype: Any) -> str:
+    """The `jax.nn.dot_product_attention` implementation of `model.attention`.
+
+    `auto` takes cuDNN's fused flash attention on an NVIDIA GPU when the compute dtype is
+    bfloat16 (cuDNN has no float32 kernel), and XLA's attention everywhere else.
+
+    Raises:
+        ValueError: for an unknown name, or `cudnn` without a GPU or with float32.
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"model.attention {attention!r}: choose from {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+    on_gpu = jax.default_backend() == "gpu"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if attention == "auto":
+        return "cudnn" if on_gpu and half else "xla"
+    if attention == "cudnn" and not on_gpu:
+        raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU (cuDNN flash attention); this backend is "
+                         f"{jax.default_backend()}: use 'auto' or 'xla'")
+    if attention == "cudnn" and not half:
+        raise ValueError("model.attention='cudnn' needs model.dtype='bfloat16' (cuDNN attention has no float32 "
+                         "kernel); use 'auto' to fall back to XLA in float32")
+    return attention
 
 
 class LayerNorm(nnx.Module):
@@ -114,6 +173,7 @@ class Transformer(nnx.Module):
         dtype: Any = jnp.float32,
         scan_layers: bool = True,
         remat_policy: str = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         if remat_policy not in REMAT_POLICIES:
@@ -123,6 +183,7 @@ class Transformer(nnx.Module):
         self.layers, self.heads, self.causal = L, H, causal
         self.quick_gelu, self.dtype = quick_gelu, dtype
         self.scan_layers, self.remat_policy = scan_layers, remat_policy
+        self.attention = resolve_attention(attention, dtype)
         # OpenCLIP text-tower init: attention std d^-0.5, residual projections scaled by depth.
         attn_std, fc_std = d**-0.5, (2 * d) ** -0.5
         proj_std = attn_std * (2 * L) ** -0.5
@@ -145,8 +206,9 @@ class Transformer(nnx.Module):
         h = layer_norm(x, p["ln_1_scale"], p["ln_1_bias"])
         qkv = mm(h, p["qkv_kernel"], dt, "btd,dshk->sbthk") + p["qkv_bias"][:, None, None]
         q, k, v = (t.astype(dt) for t in qkv)
-        # XLA path computes logits and softmax in float32 and is exact enough for parity tests.
-        attn = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation="xla")
+        # The XLA path computes logits and softmax in float32 and is exact enough for parity tests;
+        # cuDNN's flash attention (bfloat16 on GPU) never materialises the (T, T) scores.
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
         x = x + mm(attn, p["out_kernel"], dt, "bthk,hkd->btd") + p["out_bias"]
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"])
         h = act(mm(h, p["fc_kernel"], dt, "btd,dm->btm") + p["fc_bias"])

@@ -28,6 +28,7 @@ class VisionTransformer(nnx.Module):
         dtype: Any = jnp.float32,
         scan_layers: bool = True,
         remat_policy: str = "none",
+        attention: str = "xla",
         rngs: nnx.Rngs,
     ):
         p, w = cfg.patch_size, cfg.width
@@ -49,6 +50,7 @@ class VisionTransformer(nnx.Module):
             dtype=dtype,
             scan_layers=scan_layers,
             remat_policy=remat_policy,
+            attention=attention,
             rngs=rngs,
         )
         self.ln_post = LayerNorm(w)

@@ -22,6 +22,7 @@ import ml_collections
 
 from rsclip_jax.models import CLIPConfig
 from rsclip_jax.models.config import config_name
+from rsclip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 from rsclip_jax.train.evals import build_tasks
 from rsclip_jax.train.optim import SCHEDULES
 from rsclip_jax.train.sharding import MESH_AXES
@@ -47,6 +48,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # default cadence of config.evals entries; 0: evaluate only at the end
     c.eval_batch_size = 64  # global batch of the embedding passes of the evals
     c.nan_policy = "skip"  # skip: drop the update and go on; stop: end the run with an error
+    # Peak dense bf16 TFLOP/s of one device, for the logged mfu; 0: known from the device kind
+    # (H100, A100, TPU v4/v5e/v5p/v6e, ...), else mfu is not logged (e.g. on CPU).
+    c.peak_tflops_per_device = 0.0
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "RemoteCLIP-ViT-B-32"  # registry name (see `rsclip models`)
@@ -56,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.text_scan = True
     c.model.visual_remat = "none"  # none | full | dots_saveable | dots_with_no_batch_dims_saveable
     c.model.text_remat = "none"
+    # xla | cudnn (fused flash attention: NVIDIA GPU, bfloat16) | auto (cudnn where it runs, else xla)
+    c.model.attention = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # directory of ArrayRecord shards written by `rsclip data build`
@@ -170,6 +176,12 @@ def _validate_choices(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {config.optim.schedule!r}")
     if config.get("best_mode", "max") not in BEST_MODES:
         raise ConfigError(f"best_mode must be 'max' or 'min', got {config.best_mode!r}")
+    if config.get("model", {}).get("attention", "auto") not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got "
+                          f"{config.model.attention!r}")
+    if config.get("peak_tflops_per_device", 0.0) < 0:
+        raise ConfigError(f"peak_tflops_per_device must be >= 0 (0: from the device kind), got "
+                          f"{config.peak_tflops_per_device}")
     if config.get("eval_batch_size", 1) <= 0:
         raise ConfigError(f"eval_batch_size must be positive, got {config.eval_batch_size}")
 

@@ -63,6 +63,7 @@ def _create(config: ml_collections.ConfigDict, model_config: CLIPConfig, abstrac
         dtype=m.dtype,
         scan_layers=(m.visual_scan, m.text_scan),
         remat_policy=(m.visual_remat, m.text_remat),
+        attention=m.attention,
         abstract=abstract,
     )
 
