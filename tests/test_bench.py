@@ -1,0 +1,32 @@
+"""bench/gpu_suite.sh --dry-run: the GPU suite's every step, on CPU with tiny shapes.
+
+The suite is the one prepared script a GPU session runs; this keeps it working between those
+sessions. Nothing here is timed: the assertions are on what the suite writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_dry_run_writes_every_table(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "dry run on CPU" in summary
+    side_by_side = json.loads((tmp_path / "train_step_cpu_tiny-ViT_bfloat16_b8.json").read_text())
+    assert set(side_by_side["sides"]) == {"rsclip_jax", "open_clip"}
+    assert len(side_by_side["ratios"]) == 2 and side_by_side["median_ratio"] > 0
+    assert "median" in summary and "open_clip" in summary
+    for remat in ("none", "dots_saveable", "full"):
+        sweep = json.loads((tmp_path / f"train_step_cpu_tiny-ViT_bfloat16_b8_remat-{remat}.json").read_text())
+        assert sweep["remat"] == [remat, remat] and list(sweep["sides"]) == ["rsclip_jax"]
+        assert sweep["model_flops_per_step"] > 0 and sweep["sides"]["rsclip_jax"]["samples_per_s"] > 0
