@@ -35,6 +35,7 @@ from rsclip_jax.checkpoint.architecture import ArchitectureRecordError
 from rsclip_jax.checkpoint.openclip import CheckpointMismatchError
 from rsclip_jax.checkpoint.torch_format import load_state_dict
 from rsclip_jax.models import CLIPConfig, TextConfig, VisionConfig
+from rsclip_jax.models.config import mlp_width
 from rsclip_jax.models.layers import LN_EPS
 from rsclip_jax.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID, VOCAB_SIZE
 
@@ -133,7 +134,7 @@ def config_from_transformers(hf: Any, where: str) -> CLIPConfig:
         raise TransformersFormatError(f"{where}: does not describe a CLIP rsclip_jax builds ({e})") from None
     for tower, width, ratio, inter in (("vision", vision.width, vision.mlp_ratio, v.intermediate_size),
                                        ("text", text.width, text.mlp_ratio, t.intermediate_size)):
-        if int(width * ratio) != inter:
+        if mlp_width(width, ratio) != inter:
             raise TransformersFormatError(f"{where}: {tower}_config sizes (hidden {width}, intermediate {inter}) do not "
                                           "map onto rsclip_jax's transformer")
     return config
@@ -159,11 +160,11 @@ def transformers_config(config: CLIPConfig) -> Any:
         # value 2 makes transformers pool at the largest id, which is exactly what argmax pooling does.
         eos = t.vocab_size - 1 if t.vocab_size == VOCAB_SIZE else LEGACY_EOS_TOKEN_ID
     act = "quick_gelu" if config.quick_gelu else "gelu"
-    text_config = {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": int(t.width * t.mlp_ratio),
+    text_config = {"vocab_size": t.vocab_size, "hidden_size": t.width, "intermediate_size": mlp_width(t.width, t.mlp_ratio),
                    "projection_dim": config.embed_dim, "num_hidden_layers": t.layers, "num_attention_heads": t.heads,
                    "max_position_embeddings": t.context_length, "hidden_act": act, "layer_norm_eps": LN_EPS,
                    "bos_token_id": SOT_TOKEN_ID, "eos_token_id": eos, "pad_token_id": EOT_TOKEN_ID}
-    vision_config = {"hidden_size": v.width, "intermediate_size": int(v.width * v.mlp_ratio),
+    vision_config = {"hidden_size": v.width, "intermediate_size": mlp_width(v.width, v.mlp_ratio),
                      "projection_dim": config.embed_dim, "num_hidden_layers": v.layers,
                      "num_attention_heads": v.heads, "num_channels": 3, "image_size": v.image_size,
                      "patch_size": v.patch_size, "hidden_act": act, "layer_norm_eps": LN_EPS}

@@ -22,7 +22,14 @@ __all__ = [
     "UnknownModelError",
     "config_name",
     "with_sigmoid_head",
+    "mlp_width",
 ]
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    """The MLP's hidden width: OpenCLIP's `int(width * mlp_ratio)`, robust to a ratio that was
+    computed as `hidden / width` (e.g. 488 / 112 * 112 is 487.99999999999994 in floating point)."""
+    return int(width * mlp_ratio + 1e-6)
 
 
 @dataclasses.dataclass(frozen=True)

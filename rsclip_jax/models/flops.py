@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rsclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig
+from rsclip_jax.models.config import CLIPConfig, TextConfig, VisionConfig, mlp_width
 
 # forward + backward (gradient w.r.t. activations and w.r.t. weights, each the forward's cost)
 TRAIN_FLOPS_FACTOR = 3
@@ -33,7 +33,7 @@ def _transformer_layer(tokens: int, width: int, mlp: int) -> int:
 def vit_forward_flops(v: VisionConfig, embed_dim: int) -> int:
     """Forward FLOPs of one image through a ViT tower (patch embedding to projection)."""
     patches = (v.image_size // v.patch_size) ** 2
-    mlp = int(v.width * v.mlp_ratio)
+    mlp = mlp_width(v.width, v.mlp_ratio)
     patch_embed = 2 * patches * v.patch_size**2 * 3 * v.width
     return patch_embed + v.layers * _transformer_layer(patches + 1, v.width, mlp) + 2 * v.width * embed_dim
 
@@ -67,7 +67,7 @@ def resnet_forward_flops(v: VisionConfig, embed_dim: int) -> int:
 
 def text_forward_flops(t: TextConfig, embed_dim: int) -> int:
     """Forward FLOPs of one caption through the text transformer (embedding lookups are free)."""
-    return t.layers * _transformer_layer(t.context_length, t.width, int(t.width * t.mlp_ratio)) + 2 * t.width * embed_dim
+    return t.layers * _transformer_layer(t.context_length, t.width, mlp_width(t.width, t.mlp_ratio)) + 2 * t.width * embed_dim
 
 
 @dataclass(frozen=True)

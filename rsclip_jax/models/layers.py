@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rsclip_jax.models.config import mlp_width
+
 Array = jax.Array
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by OpenCLIP.
@@ -179,7 +181,7 @@ class Transformer(nnx.Module):
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"unknown remat_policy {remat_policy!r}; choose from {sorted(REMAT_POLICIES)}")
         d, L, H = width, layers, heads
-        hd, m = d // H, int(d * mlp_ratio)
+        hd, m = d // H, mlp_width(d, mlp_ratio)
         self.layers, self.heads, self.causal = L, H, causal
         self.quick_gelu, self.dtype = quick_gelu, dtype
         self.scan_layers, self.remat_policy = scan_layers, remat_policy
