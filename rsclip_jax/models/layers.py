@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from rsclip_jax.models.config import mlp_width
 
@@ -29,11 +30,18 @@ Array = jax.Array
 
 LN_EPS = 1e-5  # torch.nn.LayerNorm default, used by OpenCLIP.
 
+# Names of saved values, for the remat policies below.
+MM_NAME, MLP_ACTIVATION_NAME = "mm", "mlp_activation"
+_policies = jax.checkpoint_policies
+# `mm`'s products are custom-VJP calls, not dot_general, so the dot policies also save them by name,
+# and the MLP activation (recomputing it costs more than keeping it on CPU, docs/performance.md).
 REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "none": None,  # no rematerialisation
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots_saveable": _policies.save_from_both_policies(_policies.dots_saveable,
+                                                       _policies.save_only_these_names(MM_NAME, MLP_ACTIVATION_NAME)),
+    "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
+        _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(MM_NAME, MLP_ACTIVATION_NAME)),
 }
 
 
@@ -84,38 +92,34 @@ def activation(quick: bool) -> Callable[[Array], Array]:
 def mm(x: Array, w: Array, dtype: jnp.dtype, spec: str) -> Array:
     """einsum with inputs cast to the compute dtype and float32 accumulation.
 
-    In bfloat16 the backward also multiplies in bfloat16 (as torch autocast does), through a custom
-    VJP: left to autodiff, the float32 cotangent meets a bfloat16 operand and XLA CPU falls back
-    to a mixed-precision dot at half the bfloat16 rate (docs/performance.md).
+    Its backward (a custom VJP) multiplies in the compute dtype too, as torch autocast does: left
+    to autodiff, a bfloat16 product's float32 cotangent meets a bfloat16 operand and XLA CPU falls
+    back to a mixed-precision dot at half the bfloat16 rate (docs/performance.md). The output is
+    named `MM_NAME`, which the dot remat policies save.
     """
-    if jnp.dtype(dtype) == jnp.bfloat16:
-        return _bf16_einsum(spec, x, w)
+    return checkpoint_name(_einsum(spec, jnp.dtype(dtype).name, x, w), MM_NAME)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _einsum(spec: str, dtype: str, x: Array, w: Array) -> Array:
     return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _bf16_einsum(spec: str, x: Array, w: Array) -> Array:
-    return jnp.einsum(spec, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+def _einsum_fwd(spec: str, dtype: str, x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+    return _einsum(spec, dtype, x, w), (x, w)  # the backward casts them again (cheap, elementwise)
 
 
-def _bf16_einsum_fwd(spec: str, x: Array, w: Array) -> tuple[Array, tuple[Array, Array, Any, Any]]:
-    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-    out = jnp.einsum(spec, xb, wb, preferred_element_type=jnp.float32)
-    # zero-size dtype carriers: the residuals stay the bfloat16 copies, half the memory of float32
-    return out, (xb, wb, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+def _einsum_bwd(spec: str, dtype: str, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+    x, w = res
+    lhs_rhs, out = spec.split("->")
+    lhs, rhs = lhs_rhs.split(",")
+    xc, wc, gc = x.astype(dtype), w.astype(dtype), g.astype(dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", gc, wc, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lhs},{out}->{rhs}", xc, gc, preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-def _bf16_einsum_bwd(spec: str, res: tuple[Array, Array, Any, Any], g: Array) -> tuple[Array, Array]:
-    xb, wb, x_dtype, w_dtype = res
-    inputs, out = spec.split("->")
-    lhs, rhs = inputs.split(",")
-    gb = g.astype(jnp.bfloat16)
-    dx = jnp.einsum(f"{out},{rhs}->{lhs}", gb, wb, preferred_element_type=jnp.float32)
-    dw = jnp.einsum(f"{lhs},{out}->{rhs}", xb, gb, preferred_element_type=jnp.float32)
-    return dx.astype(x_dtype.dtype), dw.astype(w_dtype.dtype)
-
-
-_bf16_einsum.defvjp(_bf16_einsum_fwd, _bf16_einsum_bwd)
+_einsum.defvjp(_einsum_fwd, _einsum_bwd)
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 
@@ -213,7 +217,9 @@ class Transformer(nnx.Module):
         attn = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
         x = x + mm(attn, p["out_kernel"], dt, "bthk,hkd->btd") + p["out_bias"]
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"])
-        h = act(mm(h, p["fc_kernel"], dt, "btd,dm->btm") + p["fc_bias"])
+        # named so the dot policies keep it: recomputing it in the backward fuses the activation
+        # into the transposed copy the weight gradient needs, a slow pass on CPU (see docs/performance.md)
+        h = checkpoint_name(act(mm(h, p["fc_kernel"], dt, "btd,dm->btm") + p["fc_bias"]), MLP_ACTIVATION_NAME)
         return x + mm(h, p["proj_kernel"], dt, "btm,md->btd") + p["proj_bias"]
 
     def __call__(self, x: Array) -> Array:

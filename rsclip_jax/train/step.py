@@ -131,17 +131,23 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         value, grads = (accumulated_grads if grad_accum_steps > 1 else full_batch_grads)(state, batch)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = _clamp_logit_scale(optax.apply_updates(state.params, updates))
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
 
-        def keep_opt(path: Any, new: jax.Array, old: jax.Array) -> jax.Array:
+        def apply(params: nnx.State, opt_state: Any, grads: nnx.State) -> tuple[nnx.State, Any]:
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return _clamp_logit_scale(optax.apply_updates(params, updates)), opt_state
+
+        def skip(params: nnx.State, opt_state: Any, grads: nnx.State) -> tuple[nnx.State, Any]:
             # Step counters advance even on a skipped step, so the schedule stays on `state.step`.
-            return new if jax.tree_util.keystr(path).endswith("count") else jnp.where(finite, new, old)
+            def advance(path: Any, x: jax.Array) -> jax.Array:
+                return optax.safe_int32_increment(x) if jax.tree_util.keystr(path).endswith("count") else x
 
-        opt_state = jax.tree_util.tree_map_with_path(keep_opt, opt_state, state.opt_state)
-        new_state = TrainState(state.step + 1, keep(params, state.params), opt_state, state.rest)
+            return params, jax.tree_util.tree_map_with_path(advance, opt_state)
+
+        # A branch, not a `where` over every parameter and moment: the guard then costs nothing
+        # (the selects were ~3% of a ViT-B/32 step on CPU, see docs/performance.md).
+        params, opt_state = jax.lax.cond(finite, apply, skip, state.params, state.opt_state, grads)
+        new_state = TrainState(state.step + 1, params, opt_state, state.rest)
         metrics = {
             "loss": value,
             "grad_norm": grad_norm,
