@@ -11,7 +11,8 @@ open_clip_train's: forward (autocast bf16 when asked), `ClipLoss`, backward, cli
 norm at 1, AdamW with the same hyper-parameters, clamp the temperature. Both normalise the uint8
 images inside the step.
 
-The two alternate A B A B in one series after warm-up, so machine noise hits both alike; each pair
+The two run in separate processes (so their thread pools never compete) and alternate A B A B in
+one series after warm-up, so machine noise hits both alike; each pair
 gives a ratio (open_clip seconds / ours: above 1 means ours is faster) and the table reports their
 median. Compile time (ours: `lower().compile()`; open_clip: the warm-up) is reported apart. Model
 FLOPs per step come from `rsclip_jax.models.flops` (checked against XLA, tests/test_flops.py); MFU
@@ -172,27 +173,68 @@ class OpenCLIP:
         return time.perf_counter() - t0
 
 
+def _side_process(name: str, args: argparse.Namespace, conn: Any) -> None:
+    """One side in its own process: build it, then time one step per request from the parent."""
+    if args.device == "cpu":
+        jax.config.update("jax_platforms", "cpu")
+    from rsclip_jax.train.setup import model_config_from
+
+    config = training_config(args)
+    model_config = model_config_from(config)
+    batch = synthetic_batch(args.batch, model_config.vision.image_size, model_config.text.context_length)
+    try:
+        side: Any = Ours(config, batch) if name == "rsclip_jax" else OpenCLIP(config, model_config, batch,
+                                                                               args.device, args.torch_compile)
+    except ImportError as e:
+        conn.send(("unavailable", str(e)))
+        return
+    conn.send(("ready", getattr(side, "compile_seconds", None), getattr(side, "temp_bytes", None)))
+    while conn.recv() == "step":
+        conn.send(side())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both sides in separate processes, stepped in turn: A B A B.
+
+    Separate processes, because in one process torch's and XLA's thread pools compete (torch's
+    OpenMP threads keep spinning after its step) and slow whichever runs second."""
+    import multiprocessing
+
     from rsclip_jax.models.flops import train_step_flops
     from rsclip_jax.train.metrics import peak_flops_per_device
     from rsclip_jax.train.setup import model_config_from
 
     config = training_config(args)
     model_config = model_config_from(config)
-    batch = synthetic_batch(args.batch, model_config.vision.image_size, model_config.text.context_length)
-    ours = Ours(config, batch)
-    theirs = None
-    if not args.no_openclip:
-        try:
-            theirs = OpenCLIP(config, model_config, batch, args.device, args.torch_compile)
-        except ImportError as e:
-            print(f"open_clip unavailable ({e}); timing ours only", file=sys.stderr)
-    sides = {"rsclip_jax": ours} | ({"open_clip": theirs} if theirs else {})
-    warm = {name: [side() for _ in range(args.warmup)] for name, side in sides.items()}
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    context = multiprocessing.get_context("spawn")
+    names = ["rsclip_jax"] + ([] if args.no_openclip else ["open_clip"])
+    pipes, workers, ready = {}, [], {}
+    for name in names:  # built one after the other, so neither build disturbs the other's compile timing
+        parent, child = context.Pipe()
+        worker = context.Process(target=_side_process, args=(name, args, child), daemon=True)
+        worker.start()
+        message = parent.recv()
+        if message[0] == "unavailable":
+            print(f"{name} unavailable ({message[1]}); timing the others only", file=sys.stderr)
+            worker.join()
+            continue
+        pipes[name], ready[name] = parent, message
+        workers.append(worker)
+
+    def step(name: str) -> float:
+        pipes[name].send("step")
+        return pipes[name].recv()
+
+    warm = {name: [step(name) for _ in range(args.warmup)] for name in pipes}
+    times: dict[str, list[float]] = {name: [] for name in pipes}
     for _ in range(args.steps):  # A B A B: noise hits both sides alike
-        for name, side in sides.items():
-            times[name].append(side())
+        for name in pipes:
+            times[name].append(step(name))
+    for name in pipes:
+        pipes[name].send("stop")
+    for worker in workers:
+        worker.join()
+    compile_seconds, temp_bytes = ready["rsclip_jax"][1], ready["rsclip_jax"][2]
     flops = train_step_flops(model_config, args.batch)
     peak = peak_flops_per_device(args.peak_tflops)
     devices = len(jax.devices())
@@ -203,7 +245,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "remat": [config.model.visual_remat, config.model.text_remat], "attention": config.model.attention,
         "scan": [config.model.visual_scan, config.model.text_scan],
         "model_flops_per_step": flops.total, "flops_by_tower": dataclasses.asdict(flops),
-        "compile_seconds": ours.compile_seconds, "temp_bytes": ours.temp_bytes, "sides": {},
+        "compile_seconds": compile_seconds, "temp_bytes": temp_bytes, "sides": {},
     }
     for name, ts in times.items():
         median = statistics.median(ts)
@@ -212,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if peak:
             side["mfu"] = flops.total / median / (peak * devices)
         result["sides"][name] = side
-    if theirs:
+    if "open_clip" in times:
         ratios = [b / a for a, b in zip(times["rsclip_jax"], times["open_clip"])]
         result["ratios"] = ratios
         result["median_ratio"] = statistics.median(ratios)
@@ -242,7 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     elif jax.default_backend() != "gpu":
         print(f"--device gpu, but jax's backend is {jax.default_backend()}", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
     result = run(args)
     text = markdown(result)
     print(text)
