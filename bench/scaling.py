@@ -8,8 +8,8 @@ FSDP + tensor parallel (fsdp 4 x model 2) meshes of simulated CPU devices, and r
 
 * XLA's `memory_analysis()`: arguments (parameters, optimizer state, the batch), outputs and
   temporaries per device;
-* the bytes each collective moves per device per step, summed over the compiled HLO: all-gather
-  (result size), reduce-scatter and all-reduce (operand size), all-to-all and collective-permute.
+* the bytes of each collective per device per step, summed over the compiled HLO: the result of
+  an all-gather, all-reduce, all-to-all or collective-permute, the operand of a reduce-scatter.
   Collectives inside a `while` (the scan over layers, gradient accumulation) are multiplied by
   the loop's known trip count, which XLA records on the instruction.
 
@@ -47,6 +47,15 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+def _group_size(line: str) -> int:
+    """Devices per replica group of a collective: `replica_groups=[2,4]<=[8]` or `{{0,1,2,3},...}`."""
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    if iota:
+        return int(iota.group(1))
+    explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    return len(explicit.group(1).split(",")) if explicit else 1
+
+
 def collective_bytes(hlo: str) -> Counter:
     """Bytes per collective kind in one execution of the compiled module's entry computation."""
     computations: dict[str, list[str]] = {}
@@ -70,11 +79,10 @@ def collective_bytes(hlo: str) -> Counter:
             result_type, kind = op.group(1), op.group(2)
             base = kind.removesuffix("-start").removesuffix("-done")
             if base in _COLLECTIVES and not kind.endswith("-done"):
-                if base in ("reduce-scatter", "all-reduce"):
-                    operands = re.search(rf"{kind}\((.*?)\)", line)
-                    out[base] += _shape_bytes(operands.group(1)) if operands else _shape_bytes(result_type)
-                else:
-                    out[base] += _shape_bytes(result_type)
+                # compiled HLO prints operands by name only: sizes come from the result type
+                # (a reduce-scatter's operand is its result times the group size)
+                scale = _group_size(line) if base == "reduce-scatter" else 1
+                out[base] += _shape_bytes(result_type) * scale
             if kind == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line)
                 trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
