@@ -40,7 +40,7 @@ from PIL import Image
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py"}
-COPIED = ["configs", "data", "tests/fixtures"]  # what each doc's scratch directory starts with
+COPIED = ["bench", "configs", "data", "tests/fixtures"]  # what each doc's scratch directory starts with
 
 # -- the parser ---------------------------------------------------------------------------------
 
@@ -148,6 +148,9 @@ SKIP = {
         "two processes, each importing JAX and compiling, take over a minute on 2 cores; "
         "tests/test_train_loop.py::test_two_processes_match_one runs this launcher with these flags"
     ),
+    ("docs/performance.md", "bench/gpu_suite.sh"): (
+        "needs an NVIDIA GPU; tests/test_bench.py runs the same script with --dry-run"
+    ),
     ("docs/data_pipeline.md", 'mngr = ocp.CheckpointManager(dir, item_names=("state", "data"),'): (
         "a sketch with `...` placeholders; tests/test_pipeline.py runs the same orbax save/restore through "
         "grain's handler"
@@ -175,6 +178,10 @@ SUBSTITUTIONS = [
         r"--format voc --images tests/fixtures/deepforest --annotations tests/fixtures/deepforest/OSBS_029.xml \1 --seed 1",
         "the usage line's placeholders, filled in with the bundled VOC example",
     ),
+    ("docs/performance.md", r"--model ViT-B-32 --batch 32 --dtype (\w+)$",
+     r"--model tiny-ViT --batch 8 --dtype \1 --steps 1 --warmup 1", (
+        "ViT-B/32 side by side takes ~4 minutes per precision on 2 cores; tiny-ViT runs every stage of the bench"
+    )),
     ("docs/data_pipeline.md", r"shard-00000-of-00003", "shard-00000-of-00001", (
         "the doc's example build had 3 shards; the build above writes 1 from its stand-in CSVs"
     )),
