@@ -163,10 +163,12 @@ def load_checkpoint_with_info(
     return clip, info
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer | FolderTokenizer:
-    """The tokenizer of a checkpoint: a transformers folder's own tokenizer files when it has them
-    (as transformers uses them), else OpenAI's BPE with open_clip's cleaning."""
-    if os.path.isdir(path) and is_transformers_dir(path) and has_tokenizer_files(path):
+def load_tokenizer(path: str | os.PathLike, layout: str) -> Tokenizer | FolderTokenizer:
+    """The tokenizer of a checkpoint loaded as `layout` (`info["format"]` of `load_checkpoint_with_info`,
+    so a folder of several layouts gets the tokenizer of the one whose weights were loaded): a
+    transformers folder's own tokenizer files when it has them (as transformers uses them), else
+    OpenAI's BPE with open_clip's cleaning."""
+    if layout == "transformers" and has_tokenizer_files(path):
         return FolderTokenizer(path)
     return get_tokenizer()
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from rsclip_jax.checkpoint import (
     is_openclip_dir,
     is_transformers_dir,
-    load_checkpoint,
     load_checkpoint_with_info,
     load_tokenizer,
     save_checkpoint,
@@ -107,8 +106,9 @@ def run_convert(args: argparse.Namespace) -> int:
     print(f"wrote {args.dst} ({info['model']}, from {args.src}{where})", file=sys.stderr)
     if not args.check:
         return 0
-    converted = load_checkpoint(args.dst)
-    diff = embedding_difference((model, load_tokenizer(args.src)), (converted, load_tokenizer(args.dst)))
+    converted, converted_info = load_checkpoint_with_info(args.dst)
+    diff = embedding_difference((model, load_tokenizer(args.src, info["format"])),
+                                (converted, load_tokenizer(args.dst, converted_info["format"])))
     worst = max(diff["image_max_abs_diff"], diff["text_max_abs_diff"])
     print(f"check: max |difference| of L2-normalised embeddings, {args.src} vs {args.dst}: images "
           f"{diff['image_max_abs_diff']:.2e}, texts {diff['text_max_abs_diff']:.2e} ({diff['images']} bundled tiles, "

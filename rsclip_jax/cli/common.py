@@ -107,6 +107,6 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[CLIP, Any]:
                                             best=getattr(args, "best", False), dtype=args.dtype)
     where = f", step {info['step']}" if "step" in info else ""
     print(f"loaded {args.checkpoint} ({info['model']}{where})", file=sys.stderr)
-    tokenizer = load_tokenizer(args.checkpoint)
+    tokenizer = load_tokenizer(args.checkpoint, info["format"])
     print(f"tokenizer: {tokenizer.describe()}", file=sys.stderr)
     return model, tokenizer

@@ -165,7 +165,7 @@ def evaluate_checkpoint(checkpoint: str, tasks: list[Task], out: str, config: di
                         batch_size: int = 64, cache_dir: str | None = None, plots: bool = True) -> int:
     """Loads a checkpoint, runs the tasks and writes the report (JSON, Markdown, plots) at `out`."""
     clip, info = load_model(checkpoint, model, dtype, step=step, best=best)
-    tokenizer = load_tokenizer(checkpoint)
+    tokenizer = load_tokenizer(checkpoint, info["format"])
     info["tokenizer"] = tokenizer.describe()
     label = os.path.splitext(os.path.basename(os.path.normpath(checkpoint)))[0]
     where = f", step {info['step']}" if "step" in info else ""
