@@ -9,7 +9,9 @@ For ordinary 8-bit RGB files the result equals open_clip's `image_transform(size
 Other modes are converted to RGB *before* resizing (open_clip resizes first): PIL resizes palette
 images with nearest-neighbour and premultiplies alpha, so converting first is the better-defined
 choice. 16-bit and float rasters (common in remote sensing) are linearly stretched to 8 bits
-between their 2nd and 98th percentiles, the usual display stretch.
+between their 2nd and 98th percentiles, the usual display stretch. Raster files PIL cannot decode
+(multi-band 16-bit, band-interleaved, float, JPEG2000 without Pillow support) are read whole through
+rasterio (`rsclip_jax.raster.read_image`); whole scenes are tiled by `rsclip map` / `rsclip index`.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from rsclip_jax.raster import STRETCH_PERCENTILES, RasterError, is_raster_name, read_image
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The one list of image file types, for every folder the project reads images from (evaluation
 # datasets, TFDS builders, `rsclip embed`, captioning): all formats PIL decodes here.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2")
-STRETCH_PERCENTILES = (2.0, 98.0)
 
 
 def is_image_name(name: str) -> bool:
@@ -43,7 +46,7 @@ class ImageReadError(ValueError):
 
 
 def _stretch_to_uint8(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
+    a = a.astype(np.float32)  # float32, not float64: a 10000^2 16-bit band would need 800 MB per copy
     finite = a[np.isfinite(a)]
     if finite.size == 0:
         return np.zeros(a.shape, np.uint8)
@@ -80,7 +83,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageReadError(f"{path}: refused as a possible decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError, Image.UnidentifiedImageError) as e:
+        if is_raster_name(os.fspath(path)):
+            return _read_raster(path, e)
         raise ImageReadError(f"{path}: cannot read image: {e}") from None
+
+
+def _read_raster(path: str | os.PathLike, pil_error: Exception) -> Image.Image:
+    """The rasterio fallback of `load_image` for rasters PIL cannot decode."""
+    try:
+        return Image.fromarray(read_image(path, max_pixels=Image.MAX_IMAGE_PIXELS), "RGB")
+    except RasterError as e:
+        raise ImageReadError(f"{e} (Pillow: {pil_error})") from None
 
 
 def resize_shortest_side(img: Image.Image, size: int) -> Image.Image:
