@@ -6,18 +6,19 @@ never half of one, and a crash leaves no partial file behind under the target na
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json", "atomic_write_npz",
-           "temporary_name"]
+__all__ = ["atomic_files", "atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json",
+           "atomic_write_npz", "temporary_name"]
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
@@ -26,24 +27,37 @@ def temporary_name(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Calls `write(tmp)` for a fresh temporary file next to `path`, fsyncs it, then renames it.
+@contextlib.contextmanager
+def atomic_files(*paths: str | os.PathLike) -> Iterator[list[Path]]:
+    """Yields a fresh temporary name beside each of `paths`; when the block succeeds, each is
+    fsynced and renamed onto its path, otherwise all are removed and no path is touched.
 
-    Missing parent folders are created (the rule of every rsclip output path).
+    For outputs written over a long job, several at once (`rsclip map`'s class map, probabilities
+    and polygons). Missing parent folders are created (the rule of every rsclip output path).
     """
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path)
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmps = [temporary_name(path) for path in paths]
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        yield tmps
+        for tmp in tmps:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for tmp, path in zip(tmps, paths):
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Calls `write(tmp)` for a fresh temporary file next to `path`, fsyncs it, then renames it."""
+    with atomic_files(path) as (tmp,):
+        write(tmp)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

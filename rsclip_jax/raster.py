@@ -11,7 +11,9 @@ The stretch to 8 bits (`Stretch`):
   computed once per scene on a decimated read of at most `OVERVIEW_SIZE` pixels a side (GDAL uses
   the file's overviews when it has them). The same numbers apply to every window, so a tile looks
   the same whichever window it is read in;
-- or a fixed `scale=(min, max)` for every band (e.g. `--scale 0,3000` for Sentinel-2 reflectance).
+- or a fixed `scale=(min, max)` for every band (e.g. `--scale 0,3000` for Sentinel-2 reflectance);
+- then an optional display gamma (`--gamma 1.5` brightens dark scenes: out = x ** (1 / gamma)),
+  applied to stretched bands (not to 8-bit bands used as they are).
 The arithmetic is float32, one window at a time.
 
 Nodata and masks: a pixel is valid when every chosen band is valid by GDAL's mask (nodata value,
@@ -23,6 +25,7 @@ bands): the first chosen band is the grid, the others are resampled onto it (bil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -61,7 +64,8 @@ def parse_bands(text: str | None) -> list[int] | list[str] | None:
         return None
     parts = [p.strip() for p in text.split(",")]
     if any(not p for p in parts):
-        raise RasterError(f"--bands {text!r}: empty entry; give 1 or 3 comma-separated bands, e.g. 4,3,2 or B04,B03,B02")
+        raise RasterError(f"--bands {text!r}: empty entry; give 1 or 3 comma-separated bands, "
+                          "e.g. 4,3,2 or B04,B03,B02")
     if len(parts) not in (1, 3):
         raise RasterError(f"--bands {text!r}: give 1 band (grey) or 3 bands (red,green,blue), got {len(parts)}")
     numeric = [p.isdigit() for p in parts]
@@ -104,13 +108,17 @@ class Stretch:
     lo: tuple[float, ...] | None
     hi: tuple[float, ...] | None
     how: str  # "none (8-bit)", "percentiles 2-98 of a WxH overview" or "fixed MIN,MAX"
+    gamma: float = 1.0
 
     def apply(self, band: int, data: np.ndarray) -> np.ndarray:
         if self.lo is None:
             return data.astype(np.uint8)
         lo, hi = self.lo[band], self.hi[band]
-        out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
-        return np.clip(np.rint(np.nan_to_num(out, nan=0.0)), 0, 255).astype(np.uint8)
+        if self.gamma == 1.0:
+            out = (data.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+            return np.clip(np.rint(np.nan_to_num(out, nan=0.0)), 0, 255).astype(np.uint8)
+        unit = np.clip(np.nan_to_num((data.astype(np.float32) - np.float32(lo)) / np.float32(hi - lo), nan=0.0), 0, 1)
+        return np.rint(unit ** np.float32(1.0 / self.gamma) * 255).astype(np.uint8)
 
 
 def tile_windows(width: int, height: int, tile: int, stride: int) -> list[Window]:
@@ -125,7 +133,8 @@ def tile_windows(width: int, height: int, tile: int, stride: int) -> list[Window
     if tile < 1 or tile > width or tile > height:
         raise RasterError(f"--tile {tile}: the scene is only {width} x {height} pixels; give a tile of at most "
                           f"{min(width, height)} (or resample with --gsd-resample)")
-    return [Window(col, row, tile, tile) for row in _starts(height, tile, stride) for col in _starts(width, tile, stride)]
+    cols = _starts(width, tile, stride)
+    return [Window(col, row, tile, tile) for row in _starts(height, tile, stride) for col in cols]
 
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
@@ -143,7 +152,7 @@ class Scene:
     """
 
     def __init__(self, path: str, sources: Sequence[BandSource], scale: tuple[float, float] | None = None,
-                 date: str | None = None):
+                 date: str | None = None, gamma: float = 1.0):
         self.path = path
         self.sources = list(sources)
         self.date = date
@@ -164,7 +173,9 @@ class Scene:
             self.res = grid.res
             self.nodata = grid.nodata
             self.dtypes = [self._datasets[s.path].dtypes[s.index - 1] for s in self.sources]
-            self.stretch = self._stretch(scale)
+            if not gamma > 0:
+                raise RasterError(f"--gamma {gamma}: must be above 0 (1 = linear, 1.5 brightens)")
+            self.stretch = dataclasses.replace(self._stretch(scale), gamma=float(gamma))
         except BaseException:
             self.close()
             raise
@@ -242,7 +253,8 @@ class Scene:
         bands = ",".join(s.name for s in self.sources)
         crs = self.crs.to_string() if self.crs else "no CRS"
         return (f"{self.path}: {self.width} x {self.height} px, {crs}, {self.res[0]:g} units/px, bands {bands} "
-                f"({'/'.join(sorted(set(self.dtypes)))}), stretch {self.stretch.how}")
+                f"({'/'.join(sorted(set(self.dtypes)))}), stretch {self.stretch.how}"
+                + (f", gamma {self.stretch.gamma:g}" if self.stretch.gamma != 1.0 else ""))
 
     def close(self) -> None:
         for ds in self._datasets.values():
@@ -266,7 +278,7 @@ def _open(path: str) -> rasterio.io.DatasetReader:
 
 
 def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | None = None,
-               scale: tuple[float, float] | None = None) -> Scene:
+               scale: tuple[float, float] | None = None, gamma: float = 1.0) -> Scene:
     """Opens a raster file, a folder of band files, or a local STAC item JSON as a `Scene`.
 
     Args:
@@ -277,6 +289,7 @@ def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | N
             interpretation, else bands 1,2,3, or band 1 of a one- or two-band file), or band
             names for folders and STAC items (required there).
         scale: fixed stretch range instead of the percentiles.
+        gamma: display gamma applied after the stretch (1: linear).
 
     Raises:
         RasterError: naming the path and the band for anything missing, ambiguous or out of range.
@@ -291,7 +304,7 @@ def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | N
             date = _date_from_name(os.path.basename(sources[0].path))
         else:
             sources, date = _stac_bands(path, list(bands))
-        return Scene(path, sources, scale, date)
+        return Scene(path, sources, scale, date, gamma)
     if bands and isinstance(bands[0], str):
         raise RasterError(f"{path}: --bands {','.join(bands)} names bands, which needs a folder of band files or a "
                           "STAC item; for one file give band indexes, e.g. --bands 4,3,2")
@@ -307,7 +320,7 @@ def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | N
         if b > count:
             raise RasterError(f"{path}: has {count} band(s); --bands {','.join(map(str, bands))} asks for band {b}")
     date = _date_from_tags(tags) or _date_from_name(os.path.basename(path))
-    return Scene(path, [BandSource(path, int(b), str(b)) for b in bands], scale, date)
+    return Scene(path, [BandSource(path, int(b), str(b)) for b in bands], scale, date, gamma)
 
 
 def _band_file(folder: str, name: str) -> BandSource:

@@ -73,3 +73,21 @@ def train_shards(tmp_path_factory: pytest.TempPathFactory, tiles: list[Path]) ->
         csv.writer(f).writerows([("filepath", "title"), *rows])
     assert main(["data", "build", "--csv", str(root / "train.csv"), "--out", str(root / "shards")]) == 0
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README demo's model: configs/demo.py trained for its full 300 steps on the bundled samples
+    (about a minute on 2 cores), without its evals, exported as an OpenCLIP .safetensors file."""
+    from rsclip_jax.checkpoint import load_checkpoint, save_checkpoint
+    from rsclip_jax.data.build import BuildConfig, build
+    from rsclip_jax.train.config import load_config
+    from rsclip_jax.train.loop import train
+
+    root = tmp_path_factory.mktemp("demo_model")
+    build(BuildConfig(csvs=(str(SAMPLES / "train" / "captions.csv"),), out_dir=str(root / "data")))
+    overrides = [f"--config.data.train={root / 'data'}", "--config.evals={}"]
+    config = load_config(str(REPO / "configs" / "demo.py"), overrides)
+    train(config, str(root / "train"))
+    save_checkpoint(load_checkpoint(root / "train"), root / "model.safetensors")
+    return root / "model.safetensors"

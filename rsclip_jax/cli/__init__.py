@@ -9,12 +9,13 @@ from collections.abc import Sequence
 
 from rsclip_jax.cli import checkpoints, data, demo, embed, train
 from rsclip_jax.cli import eval as eval_cli
+from rsclip_jax.cli import mapping as map_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (embed, checkpoints, data, train, eval_cli, demo):
+    for module in (embed, checkpoints, data, train, eval_cli, demo, map_cli):
         module.register(sub)
     return parser
 
