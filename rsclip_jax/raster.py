@@ -380,14 +380,15 @@ def _date_from_name(name: str) -> str | None:
 
 
 def read_image(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | None = None,
-               scale: tuple[float, float] | None = None, max_pixels: int | None = None) -> np.ndarray:
+               scale: tuple[float, float] | None = None, max_pixels: int | None = None,
+               gamma: float = 1.0) -> np.ndarray:
     """A whole (small) raster as uint8 (h, w, 3) RGB: the fallback for files PIL cannot read
     (16-bit multi-band, band-interleaved, float, JPEG2000). Invalid pixels are 0.
 
     Raises:
         RasterError: for a scene above `max_pixels`, pointing at `rsclip map` for whole scenes.
     """
-    with open_scene(path, bands, scale) as scene:
+    with open_scene(path, bands, scale, gamma) as scene:
         if max_pixels is not None and scene.width * scene.height > max_pixels:
             raise RasterError(f"{path}: {scene.width} x {scene.height} pixels is too large to read whole; tile it "
                               "with `rsclip map` or `rsclip index build --tile`")

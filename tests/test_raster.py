@@ -148,3 +148,25 @@ def test_tile_windows_cover_every_pixel_once_or_more():
 def test_bad_input_names_the_value(call, message):
     with pytest.raises(RasterError, match=message):
         call()
+
+
+def test_embed_and_classify_take_band_choices(tmp_path, tiny_checkpoint, capsys):
+    from rsclip_jax.cli import main
+
+    base = ["--checkpoint", str(tiny_checkpoint)]
+    # a folder of Sentinel-2 band files is one scene with named bands, not a list of grey images
+    assert main(["classify", *base, str(S2), "--bands", "B04,B03,B02", "--labels", "forest,farmland", "--gamma",
+                 "1.5", "--json", str(tmp_path / "c.json")]) == 0
+    results = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert [r["image"] for r in results] == [str(S2)]
+    capsys.readouterr()
+    runs = {}
+    for name, extra in (("default", []), ("scaled", ["--scale", "0,4000"]), ("nir", ["--bands", "1"])):
+        out = tmp_path / f"{name}.npz"
+        assert main(["embed", *base, "--images", str(SOLARIS), str(GEO / "ms1.tif"), "--out", str(out), *extra]) == 0
+        with np.load(out) as f:
+            runs[name] = f["image_embeddings"]
+            assert list(f["image_paths"]) == [str(SOLARIS), str(GEO / "ms1.tif")]
+    assert not np.allclose(runs["default"], runs["scaled"], atol=1e-4)
+    np.testing.assert_allclose(runs["default"][0], runs["nir"][0], atol=1e-5)  # solaris has one band: the same
+    assert not np.allclose(runs["default"][1], runs["nir"][1], atol=1e-4)  # ms1: band 1 alone is another image

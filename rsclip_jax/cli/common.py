@@ -78,6 +78,20 @@ def check_output_path(path: str, flag: str) -> str:
     return path
 
 
+RASTER_HELP = ("--bands 4,3,2 picks bands of a file (1-based; default its red/green/blue, else 1,2,3); "
+               "--bands B04,B03,B02 picks band files of a folder or assets of a STAC item JSON")
+
+
+def add_raster_args(p: argparse.ArgumentParser) -> None:
+    """`--bands`, `--scale`, `--gamma`: how a raster becomes 8-bit RGB (rsclip_jax.raster)."""
+    p.add_argument("--bands", default=None, help=RASTER_HELP)
+    p.add_argument("--scale", default=None, metavar="MIN,MAX",
+                   help="fixed stretch to 8 bits for every band (default: per-band 2-98 percentiles of an overview; "
+                        "8-bit bands as they are)")
+    p.add_argument("--gamma", type=float, default=1.0,
+                   help="display gamma after the stretch (default 1: linear; 1.5 brightens dark scenes)")
+
+
 CHECKPOINT_HELP = ("OpenCLIP/RemoteCLIP weights (.pt, .pth, .bin, .safetensors), an OpenCLIP hub folder "
                    "(open_clip_config.json + weights), a transformers CLIP folder (config.json + weights) or an "
                    "rsclip training workdir")

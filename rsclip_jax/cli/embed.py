@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 
@@ -10,14 +11,16 @@ import numpy as np
 
 from rsclip_jax.cli.common import (
     add_model_args,
+    add_raster_args,
     check_output_path,
     load_model_from_args,
     positive_int,
     read_text_lines,
 )
-from rsclip_jax.evaluate.embeddings import Extractor
+from rsclip_jax.evaluate.embeddings import Extractor, FileReader, ImageReader, RasterFileReader
 from rsclip_jax.fileio import atomic_write_json, atomic_write_npz
 from rsclip_jax.preprocess import expand_image_paths
+from rsclip_jax.raster import parse_bands, parse_scale
 
 DEFAULT_TEMPLATES = "remote_sensing.txt"
 
@@ -30,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True,
                    help="output .npz file ('.npz' is appended when the name lacks it; missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
+    add_raster_args(p)
     p.set_defaults(func=run_embed)
 
     p = sub.add_parser("classify", help="zero-shot classify images with remote-sensing prompt templates")
@@ -41,7 +45,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None,
                    help="also write the results to this JSON file (missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
+    add_raster_args(p)
     p.set_defaults(func=run_classify)
+
+
+def image_inputs(args: argparse.Namespace) -> tuple[list[str], ImageReader]:
+    """The image items of `args.images` and the reader for them.
+
+    Without --bands/--scale/--gamma: files as given and folders expanded to their images, read as
+    `FileReader` reads them. With them: rasters read through `rsclip_jax.raster` with that choice;
+    with band *names* (`--bands B04,B03,B02`) a folder or STAC item JSON is one scene, not a list.
+    """
+    bands, scale = parse_bands(args.bands), parse_scale(args.scale)
+    if bands is None and scale is None and args.gamma == 1.0:
+        return expand_image_paths(args.images), FileReader()
+    reader = RasterFileReader(bands, scale, args.gamma)
+    if bands and isinstance(bands[0], str):
+        return [os.fspath(p) for p in args.images], reader
+    return expand_image_paths(args.images), reader
 
 
 def npz_path(out: str) -> str:
@@ -53,13 +74,13 @@ def run_embed(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("give --images, --texts or both")
     out_path = check_output_path(npz_path(args.out), "--out")
-    paths = expand_image_paths(args.images) if args.images else []
+    paths, reader = image_inputs(args) if args.images else ([], FileReader())
     texts = read_text_lines(args.texts) if args.texts else []
     model, tokenizer = load_model_from_args(args)
     extractor = Extractor(model, batch_size=args.batch_size, tokenizer=tokenizer)
     out: dict[str, np.ndarray] = {}
     if args.images:
-        images = extractor.images(paths, skip_missing=args.skip_bad)
+        images = extractor.images(paths, skip_missing=args.skip_bad, reader=reader)
         kept = [paths[i] for i in images.kept]
         out.update(image_embeddings=images.embeddings, image_paths=np.array(kept, dtype=str),
                    skipped_images=np.array(images.skipped, dtype=str))
@@ -116,11 +137,11 @@ def run_classify(args: argparse.Namespace) -> int:
     if args.json:
         check_output_path(args.json, "--json")
     templates = load_templates(args.templates)
-    paths = expand_image_paths(args.images)
+    paths, reader = image_inputs(args)
     model, tokenizer = load_model_from_args(args)
     extractor = Extractor(model, batch_size=args.batch_size, tokenizer=tokenizer)
     classes = extractor.classifier(labels, templates)
-    images = extractor.images(paths, skip_missing=args.skip_bad)
+    images = extractor.images(paths, skip_missing=args.skip_bad, reader=reader)
     kept = [paths[i] for i in images.kept]
     logits = extractor.logit_scale * images.embeddings @ classes.T
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))

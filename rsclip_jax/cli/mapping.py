@@ -10,25 +10,18 @@ import sys
 from rsclip_jax.apps.map_accuracy import format_accuracy, map_accuracy, parse_truth_classes
 from rsclip_jax.apps.mapping import DEFAULT_MIN_VALID, PROBS_DTYPES, map_scene
 from rsclip_jax.apps.mapping_outputs import vector_driver
-from rsclip_jax.cli.common import add_model_args, check_output_path, load_model_from_args, positive_int, read_text_lines
+from rsclip_jax.cli.common import (
+    add_model_args,
+    add_raster_args,
+    check_output_path,
+    load_model_from_args,
+    positive_int,
+    read_text_lines,
+)
 from rsclip_jax.cli.embed import DEFAULT_TEMPLATES, load_templates, parse_labels
 from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.fileio import atomic_write_json
 from rsclip_jax.raster import open_scene, parse_bands, parse_scale
-
-RASTER_HELP = ("--bands 4,3,2 picks bands of a file (1-based; default its red/green/blue, else 1,2,3); "
-               "--bands B04,B03,B02 picks band files of a folder or assets of a STAC item JSON")
-
-
-def add_raster_args(p: argparse.ArgumentParser) -> None:
-    """`--bands` and `--scale`: how a raster becomes 8-bit RGB (rsclip_jax.raster)."""
-    p.add_argument("--bands", default=None, help=RASTER_HELP)
-    p.add_argument("--scale", default=None, metavar="MIN,MAX",
-                   help="fixed stretch to 8 bits for every band (default: per-band 2-98 percentiles of an overview; "
-                        "8-bit bands as they are)")
-    p.add_argument("--gamma", type=float, default=1.0,
-                   help="display gamma after the stretch (default 1: linear; 1.5 brightens dark scenes)")
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("map", help="zero-shot map of a whole scene (GeoTIFF/COG/JP2, band folder, STAC item)")

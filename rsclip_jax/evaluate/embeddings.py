@@ -45,6 +45,7 @@ from rsclip_jax.fileio import atomic_write_npz
 from rsclip_jax.models import CLIP
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
 from rsclip_jax.preprocess import ImageReadError, load_image, normalize_images, preprocess_image
+from rsclip_jax.raster import RasterError, is_raster_name, read_image
 from rsclip_jax.tokenizer import get_tokenizer
 
 # Bump when the preprocessing or the cache layout changes, so stale entries are never read.
@@ -101,6 +102,31 @@ class FileReader:
 
     def read(self, item: str) -> Image.Image:
         return load_image(item)
+
+
+class RasterFileReader(FileReader):
+    """Image files with a chosen band selection and stretch (`--bands`, `--scale`, `--gamma`).
+
+    Rasters (GeoTIFF, COG, JP2), folders of band files and STAC item JSON are read whole through
+    `rsclip_jax.raster`; other files as `FileReader` reads them. The choice is part of the cache
+    identity, so another band selection is embedded again.
+    """
+
+    def __init__(self, bands: Sequence[int] | Sequence[str] | None = None,
+                 scale: tuple[float, float] | None = None, gamma: float = 1.0):
+        self.bands, self.scale, self.gamma = bands, scale, gamma
+
+    def identity(self, item: str) -> Any:
+        files = sorted(os.path.join(item, f) for f in os.listdir(item)) if os.path.isdir(item) else [item]
+        return [[_file_id(f) for f in files], list(self.bands or []), list(self.scale or []), self.gamma]
+
+    def read(self, item: str) -> Image.Image:
+        if not (is_raster_name(item) or os.path.isdir(item) or item.lower().endswith(".json")):
+            return load_image(item)
+        try:
+            return Image.fromarray(read_image(item, self.bands, self.scale, Image.MAX_IMAGE_PIXELS, self.gamma), "RGB")
+        except RasterError as e:
+            raise ImageReadError(str(e)) from None
 
 
 @dataclass(frozen=True)
