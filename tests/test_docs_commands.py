@@ -182,6 +182,9 @@ SUBSTITUTIONS = [
      r"--model tiny-ViT --batch 8 --dtype \1 --steps 1 --warmup 1", (
         "ViT-B/32 side by side takes ~4 minutes per precision on 2 cores; tiny-ViT runs every stage of the bench"
     )),
+    ("docs/applications.md", r"S2B_MSIL2A_\.\.\./GRANULE/\.\.\./IMG_DATA/R10m", "tests/fixtures/geo/s2_T33UUU", (
+        "a downloaded Sentinel-2 L2A band folder: the bundled L1C crop has the same band-file layout"
+    )),
     ("docs/data_pipeline.md", r"shard-00000-of-00003", "shard-00000-of-00001", (
         "the doc's example build had 3 shards; the build above writes 1 from its stand-in CSVs"
     )),

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from rsclip_jax.apps.mapping_outputs import PolygonCollector, palette, write_polygons, write_preview
 from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.fileio import atomic_files
-from rsclip_jax.raster import RasterError, Scene, tile_windows
+from rsclip_jax.raster import RasterError, Scene, bounded_gdal_cache, tile_windows
 
 # float32, not float16: rasterio 1.4 (the release for Python 3.11) cannot write GDAL Float16
 PROBS_DTYPES = ("uint8", "float32")
@@ -139,7 +139,7 @@ def map_scene(scene: Scene, extractor: Extractor, classes: np.ndarray, labels: S
               file=sys.stderr)
     paths = [out] + [p for p in (probs, vector, preview) if p]
     start = time.time()
-    with atomic_files(*paths) as tmps:
+    with bounded_gdal_cache(), atomic_files(*paths) as tmps:
         tmp = dict(zip(paths, tmps))
         polygons = PolygonCollector(labels, scene.transform) if vector else None
         writer = _MapWriter(scene, labels, str(tmp[out]), report.nodata,
