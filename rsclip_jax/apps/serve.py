@@ -116,8 +116,8 @@ class _Guard:
                                       400)(scope, receive, send_with_headers)
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
-            return await JSONResponse({"detail": BodyTooLarge(self.max_body).detail}, 413,
-                                      headers={"connection": "close"})(scope, receive, send_with_headers)
+            return await JSONResponse({"detail": BodyTooLarge(self.max_body).detail}, 413)(
+                scope, receive, send_with_headers)
         received = 0
 
         async def limited_receive() -> dict:

@@ -205,6 +205,14 @@ function init() {
     event.preventDefault();
     const { form, described, empty } = queryForm();
     if (empty) { setStatus("type a text or choose an image to search", true); return; }
+    const file = $("image").files[0];
+    const limit = state.info ? state.info.max_upload_bytes : Infinity;
+    if (file && file.size > limit) {
+      // The server would answer 413 too; saying it here spares sending the file.
+      setStatus(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB: uploads are limited to ` +
+                `${(limit / 2 ** 20).toFixed(1)} MB (rsclip serve --max-upload-mb)`, true);
+      return;
+    }
     search(form, described);
   });
   $("image").addEventListener("change", () => { $("clear-image").hidden = !$("image").files.length; });
