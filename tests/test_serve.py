@@ -28,13 +28,14 @@ ARCHIVE_SUFFIXES = (".png", ".jpg", ".tif")
 
 
 def build_archive_index(tmp_path: Path, checkpoint: Path) -> tuple[Path, Path]:
-    """A small archive (copies of the real sample tiles, plus a symlink pointing out of it) and its index,
+    """A small archive (copies of the real sample tiles, a text file, a symlink pointing out of it) and its index,
     built with `rsclip index build`. Shared with tests/test_serve_browser.py."""
     archive = tmp_path / "archive"
     archive.mkdir()
     for path in sorted(TILES.iterdir()):
         if path.suffix in ARCHIVE_SUFFIXES:
             shutil.copy(path, archive / path.name)
+    (archive / "notes.txt").write_text("inside the archive, but not an indexed file\n")
     (tmp_path / "secret.txt").write_text("outside the archive\n")
     os.symlink(tmp_path / "secret.txt", archive / "secret.txt")
     index = tmp_path / "index"
@@ -166,6 +167,9 @@ def test_archive_files_only_inside_the_root(client, built):
         response = client.get("/tile", params={"path": path})
         assert 400 <= response.status_code < 500, (path, response.status_code)
         assert "outside the archive" in response.json()["detail"] or response.status_code == 404, path
+    # Inside the root but not indexed: refused too (the root is the inputs' common folder, maybe wide).
+    response = client.get("/tile", params={"path": "notes.txt"})
+    assert response.status_code == 403 and "not a file of this index" in response.json()["detail"]
     # The acceptance request exactly as a browser sends it (the query string unencoded).
     assert client.get("/tile?path=../../etc/passwd").status_code == 403
     assert client.get("/tile", params={"path": "no_such_file.png"}).status_code == 404

@@ -9,13 +9,14 @@ The page (static/index.html, app.js, style.css; no CDN, so it works offline) ask
 - `GET  /api/thumb/{id}?size=256`      a JPEG thumbnail of one indexed tile;
 - `GET  /api/tile/{id}`                the full tile as PNG;
 - `GET  /api/download/{query}?format=geojson|csv`  the hits of a recent search, as a file;
-- `GET  /tile?path=REL`                a source file of the archive, only inside `searcher.root`.
+- `GET  /tile?path=REL`                a source file of the archive: an indexed file inside `searcher.root`.
 
 Safety: the CLI binds to 127.0.0.1 and, on a loopback address, answers only requests whose Host is a
 loopback name (a web page elsewhere cannot reach it through DNS rebinding); request bodies are bounded
 (413 before the upload is read when Content-Length says so, else as soon as the bound is passed);
-uploads that are not images get 415 with a message; file paths are resolved (symlinks included) and
-must stay inside the archive root; every response carries a Content-Security-Policy of 'self' only.
+uploads that are not images get 415 with a message; file paths are resolved (symlinks included),
+must stay inside the archive root and be files the index holds; every response carries a
+Content-Security-Policy of 'self' only.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 
+from rsclip_jax.apps.index_store import indexed_files
 from rsclip_jax.apps.search import Hit, Searcher, hits_to_csv, hits_to_geojson
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -156,9 +158,9 @@ def _read_upload(upload: UploadFile, limit: int) -> Image.Image:
         raise HTTPException(400, f"{name}: the image cannot be decoded ({e})") from None
 
 
-def _archive_file(root: str, path: str) -> str:
+def _archive_file(root: str, path: str, indexed: set[str]) -> str:
     """`path` (relative to `root`, or absolute) resolved with its symlinks; 403 unless it lies inside
-    `root` (resolved too), 404 unless it is a file."""
+    `root` (resolved too) and is one of the `indexed` files (resolved), 404 unless it is a file."""
     if "\0" in path:
         raise HTTPException(400, "a path cannot hold a NUL character")
     real = os.path.realpath(os.path.join(root, path))
@@ -166,6 +168,10 @@ def _archive_file(root: str, path: str) -> str:
         raise HTTPException(403, f"{path!r}: outside the archive; only files under its root are served")
     if not os.path.isfile(real):
         raise HTTPException(404, f"{path!r}: no such file in the archive")
+    # The root is the inputs' common folder, which can be wide (/ for inputs on two disks): only the
+    # files the index holds are served, not their neighbours.
+    if real not in indexed:
+        raise HTTPException(403, f"{path!r}: not a file of this index; only indexed files are served")
     return real
 
 
@@ -180,7 +186,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BY
     """The web app over `searcher`, for uvicorn (`serve`) or FastAPI's TestClient.
 
     Args:
-        searcher: the loaded index (`rsclip_jax.apps.search.Searcher` or an object with its interface).
+        searcher: the opened index (`rsclip_jax.apps.search.Searcher`).
         max_upload_bytes: the largest uploaded query image; larger -> 413.
         allowed_hosts: Host header names answered (None: any). `serve` passes the loopback names when
             it listens on a loopback address.
@@ -193,6 +199,13 @@ def create_app(searcher: Searcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BY
     recent: OrderedDict[str, tuple[list[Hit], str]] = OrderedDict()
     thumbs: OrderedDict[tuple[int, int], bytes] = OrderedDict()
     root = os.path.realpath(searcher.root)
+    indexed: set[str] = set()  # resolved paths of the indexed files, read at the first /tile request
+
+    def indexed_paths() -> set[str]:
+        with lock:
+            if not indexed:
+                indexed.update(os.path.realpath(p) for p in indexed_files(searcher.index_dir, searcher.manifest))
+            return indexed
 
     def check_id(id: int) -> None:
         if not 0 <= id < len(searcher):
@@ -203,7 +216,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BY
         try:
             with lock:
                 return searcher.tile(id)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # the file moved, changed or went unreadable since indexing
             raise HTTPException(404, f"item {id}: its source file cannot be read ({e})") from None
 
     def hit_json(hit: Hit) -> dict:
@@ -295,10 +308,11 @@ def create_app(searcher: Searcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BY
 
     @app.get("/api/download/{query_id}")
     def download(query_id: str, format: str = Query("geojson", pattern="^(geojson|csv)$")) -> Response:
-        if query_id not in recent:
+        entry = recent.get(query_id)  # one lookup: another request may evict it meanwhile
+        if entry is None:
             raise HTTPException(404, f"search {query_id} is no longer kept (the last {RECENT_QUERIES} are); "
                                      "run it again and download")
-        hits, _ = recent[query_id]
+        hits, _ = entry
         attachment = {"content-disposition": f'attachment; filename="rsclip_hits.{format}"'}
         if format == "csv":
             return Response(hits_to_csv(hits), media_type="text/csv; charset=utf-8", headers=attachment)
@@ -306,7 +320,7 @@ def create_app(searcher: Searcher, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BY
 
     @app.get("/tile")
     def archive_file(path: str) -> FileResponse:
-        real = _archive_file(root, path)
+        real = _archive_file(root, path, indexed_paths())
         suffix = Path(real).suffix.lower()
         if suffix in INLINE_TYPES:
             return FileResponse(real, media_type=INLINE_TYPES[suffix])
