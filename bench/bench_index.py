@@ -13,7 +13,10 @@ above the process's RSS after generating the data). Compared:
   * faiss exact (IndexFlatIP over all rows): the ground truth, and its single-query latency;
   * faiss IVF-Flat (what `rsclip index --kind approx` builds), with nprobe calibrated as the index
     builder does (on separate calibration queries), and a sweep of nprobe;
-  * faiss HNSW-Flat (M 32) and usearch HNSW (connectivity 32, f32 and f16), sweeps of ef.
+  * faiss HNSW-Flat (M 32) and usearch HNSW (connectivity 32, f32 and f16), sweeps of ef;
+  * searcher-exact / searcher-approx: the set written as one index shard by rsclip's own code
+    (`index_store.write_shard`, synthetic file records) and queried through `Searcher.search_vector`
+    for 50 hits: the whole query path, metadata (Parquet) included.
 
     python bench/bench_index.py                     # 100k x 512, writes bench/results/index.{json,md}
     python bench/bench_index.py --n 20000 --quick   # a smaller, faster run
@@ -28,6 +31,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,9 +42,12 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rsclip_jax.apps.index_vectors import build_ivf, calibrate_nprobe, exact_search, recall_at_k  # noqa: E402
+from rsclip_jax.apps import index_store  # noqa: E402
+from rsclip_jax.apps.search import Searcher  # noqa: E402
 from rsclip_jax.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 
-CONFIGS = ["faiss-exact", "faiss-ivf", "faiss-hnsw", "usearch-hnsw-f32", "usearch-hnsw-f16"]
+CONFIGS = ["faiss-exact", "faiss-ivf", "faiss-hnsw", "usearch-hnsw-f32", "usearch-hnsw-f16", "searcher-exact",
+           "searcher-approx"]
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -165,10 +172,31 @@ def run_one(name: str, n: int, d: int, queries: int, quick: bool) -> dict:
             index.expansion_search = ef
             sweep[ef] = query_times(lambda x: (None, index.search(x, 10).keys.reshape(len(x), -1)))
         out["sweep_ef"] = sweep
+    elif name.startswith("searcher"):
+        kind = name.split("-")[1]
+        records = [index_store.Record(item=f"/archive/tile_{i:06d}.png", path=f"/archive/tile_{i:06d}.png")
+                   for i in range(n)]
+        with tempfile.TemporaryDirectory() as tmp:
+            def build():
+                entry = index_store.write_shard(tmp, "shard-00000-bench", base, records, 0, kind)
+                index_store.write_manifest(tmp, {"format": index_store.FORMAT, "version": index_store.VERSION,
+                                                 "embed_dim": d, "checkpoint": "none", "shards": [entry]})
+                return entry
+            t_build, entry = timed(build)
+            searcher = Searcher(tmp)
+            out.update(build_s=round(t_build, 2), **{k: entry[k] for k in ("nprobe", "nlist") if k in entry})
+            out.update(query_times(lambda x: (None, np.stack([[h.id for h in searcher.search_vector(v, 10)]
+                                                               for v in x]))))
+            t50, _ = timed(lambda: [searcher.search_vector(single[i], 50) for i in range(len(single))], repeats=2)
+            out["single_query_50_hits_ms"] = round(1e3 * t50 / len(single), 3)
+            files = [f for f in Path(tmp, entry["name"]).iterdir()]
+            out["shard_files_mb"] = {f.name: round(f.stat().st_size / 2**20, 1) for f in files}
     else:
         raise ValueError(name)
     out["memory_mb"] = round(peak_mb() - rss0, 1)
-    if name.startswith("faiss"):
+    if name.startswith("searcher"):
+        out["index_file_mb"] = round(sum(out["shard_files_mb"].values()), 1)
+    elif name.startswith("faiss"):
         out["index_file_mb"] = round(faiss.serialize_index(index).nbytes / 2**20, 1)
     else:
         out["index_file_mb"] = round(len(index.save()) / 2**20, 1)
@@ -201,6 +229,10 @@ def to_markdown(result: dict) -> str:
         for p, q in r.get("sweep_nprobe", {}).items():
             lines.append(f"| faiss-ivf nprobe {p} | | {q['recall_at_10']} | {q['batch_ms_per_query']} "
                          f"| {q['single_query_ms']} | | |")
+    for r in result["runs"]:
+        if r["config"].startswith("searcher") and "error" not in r:
+            lines.append(f"| {r['config']}: rsclip's query path, 50 hits with metadata | | | "
+                         f"| {r['single_query_50_hits_ms']} | | |")
     ex = next((r for r in result["runs"] if r["config"] == "faiss-exact" and "error" not in r), None)
     if ex:
         lines += ["", f"Exact search as `rsclip search` runs it (memory-mapped embeddings scanned in blocks): "

@@ -138,6 +138,11 @@ def test_fingerprint_mismatch_names_both_models(scenes_index, tmp_path, capsys):
     assert err.startswith("rsclip search: error: ") and built_with in err and str(other) in err
     assert main(["index", "add", str(scenes_index), str(REPO / "data/samples/tiles"), "--checkpoint", str(other)]) == 1
     assert "not comparable" in capsys.readouterr().err
+    other_index = tmp_path / "other.index"
+    build_index(other_index, [SCENES / "forest"], str(other), progress=False)
+    assert main(["index", "merge", "--out", str(tmp_path / "m"), str(scenes_index), str(other_index)]) == 1
+    err = capsys.readouterr().err
+    assert "different models cannot be merged" in err and built_with in err and str(other) in err
 
 
 def test_add_then_search_finds_the_added_file(tmp_path, tiny_checkpoint, capsys):
@@ -172,8 +177,10 @@ def test_unreadable_images_error_or_are_skipped_and_counted(tmp_path, tiny_check
     with pytest.raises(ImageReadError, match="broken.png.*--skip-bad"):
         build_index(tmp_path / "a.index", [folder], str(tiny_checkpoint), progress=False)
     assert not (tmp_path / "a.index" / "manifest.json").exists()
-    report = build_index(tmp_path / "b.index", [folder], str(tiny_checkpoint), skip_bad=True, progress=False)
+    report = build_index(tmp_path / "b.index", [folder, folder / "broken.png"], str(tiny_checkpoint), skip_bad=True,
+                         progress=False)
     assert report.added == 3 and len(report.skipped_bad) == 1 and "broken.png" in report.skipped_bad[0]
+    assert report.named_twice == 1 and "named more than once" in "\n".join(report.lines())
 
 
 def _write_geotiff(path: Path, nodata_left_half: bool) -> None:
@@ -308,3 +315,22 @@ def test_vector_helpers():
     assert np.allclose(s, bs, atol=1e-5) and recall_at_k(i, i) == 1.0
     s2, i2 = merge_top_k([s[:, :3], s[:, 3:]], [i[:, :3], i[:, 3:]], 4)
     assert (i2 == i[:, :4]).all()
+
+
+def test_merge_indexes_built_separately(scenes_index, tmp_path, tiny_checkpoint, capsys):
+    """Two jobs index their share of an archive; `index merge` makes one index that searches like both."""
+    part = tmp_path / "part.index"
+    build_index(part, [REPO / "data/samples/tiles"], str(tiny_checkpoint), progress=False)
+    merged = tmp_path / "merged.index"
+    assert main(["index", "merge", "--out", str(merged), str(scenes_index), str(part)]) == 0
+    s, a, b = Searcher(str(merged)), Searcher(str(scenes_index)), Searcher(str(part))
+    assert len(s) == len(a) + len(b) and s.root == str(REPO / "data/samples")
+    q = a.embed_texts(["buildings"])[0]
+    expected = sorted([(h.score, h.path, h.window) for h in a.search_vector(q, 10) + b.search_vector(q, 10)],
+                      key=lambda t: -t[0])[:10]
+    got = s.search_vector(q, 10)
+    assert [(h.path, h.window) for h in got] == [(p, w) for _, p, w in expected]
+    assert s.search(similar_to=len(a) + 2, k=1)[0].path == b.search(similar_to=2, k=1)[0].path  # ids shifted
+    assert main(["index", "info", str(merged)]) == 0
+    assert f"{len(s)} items" in capsys.readouterr().out
+    assert main(["index", "merge", "--out", str(tmp_path / "m2"), str(merged)]) == 1

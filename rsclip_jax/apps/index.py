@@ -13,6 +13,7 @@ the index was built with (same weights fingerprint).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -79,6 +80,7 @@ class BuildReport:
     skipped_bad: list[str] = field(default_factory=list)  # messages of unreadable images/tiles
     skipped_nodata: int = 0  # tiles below min_valid
     already_indexed: int = 0
+    named_twice: int = 0  # inputs named more than once (embedded once)
     changed_since_indexed: list[str] = field(default_factory=list)
     shards: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -90,12 +92,14 @@ class BuildReport:
         for s in self.shards:
             how = (f"approximate (IVF-Flat, {s['nlist']} lists, nprobe {s['nprobe']}): recall@10 "
                    f"{s['recall_at_10']:.3f} against exact on {s['calibration_queries']} sample queries"
-                   if s["kind"] == "approx" else "exact")
+                   if "recall_at_10" in s else s["kind"])
             out.append(f"  {s['name']}: {s['count']} rows, {how}")
         if self.skipped_nodata:
             out.append(f"skipped {self.skipped_nodata} tiles with too few valid pixels (nodata)")
         if self.skipped_bad:
             out.append(f"skipped {len(self.skipped_bad)} unreadable images/tiles (first: {self.skipped_bad[0]})")
+        if self.named_twice:
+            out.append(f"{self.named_twice} inputs were named more than once; each is indexed once")
         if self.already_indexed:
             out.append(f"skipped {self.already_indexed} files already in the index")
         if self.changed_since_indexed:
@@ -156,10 +160,10 @@ def build_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike
     index_dir = Path(index_dir).absolute()
     resolve_kind(kind, 0)  # validates the name before any work
     _publishable_folder(index_dir)
-    paths = collect(inputs, options)
+    paths, twice = collect(inputs, options)
     extractor, info = load_embedder(checkpoint, model, dtype, batch_size)
-    report = BuildReport(str(index_dir))
-    with index_lock(index_dir):
+    report = BuildReport(str(index_dir), named_twice=twice)
+    with _writer_lock(index_dir):
         _publishable_folder(index_dir)
         manifest = {"format": FORMAT, "version": VERSION, "model": info["model"], "checkpoint": info["checkpoint"],
                     "checkpoint_format": info["format"], "fingerprint": extractor.fingerprint, "dtype": dtype,
@@ -191,12 +195,12 @@ def add_to_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     index_dir = Path(index_dir).absolute()
     manifest = read_manifest(index_dir)
     options = options or Options.from_settings(manifest.get("settings", {}))
-    paths = collect(inputs, options)
+    paths, twice = collect(inputs, options)
     extractor, info = load_embedder(checkpoint or manifest["checkpoint"], model,
                                     dtype or manifest.get("dtype", "float32"), batch_size)
     check_same_model(index_dir, manifest, extractor, info)
-    report = BuildReport(str(index_dir))
-    with index_lock(index_dir):
+    report = BuildReport(str(index_dir), named_twice=twice)
+    with _writer_lock(index_dir):
         manifest = read_manifest(index_dir)  # as it is now, under the lock
         known = indexed_files(index_dir, manifest)
         new = []
@@ -215,6 +219,12 @@ def add_to_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     return report
 
 
+def _writer_lock(index_dir: Path) -> Any:
+    """The index lock, taken by process 0 only: on several hosts every process runs the build (each
+    embeds its share of each batch) but only process 0 writes."""
+    return index_lock(index_dir) if jax.process_index() == 0 else contextlib.nullcontext()
+
+
 def _common_root(old: str | None, paths: Sequence[str]) -> str | None:
     dirs = {os.path.dirname(p) for p in paths} | ({old} if old else set())
     return os.path.commonpath(sorted(dirs)) if dirs else old
@@ -228,11 +238,11 @@ def _embed(index_dir: Path, manifest: dict[str, Any], paths: list[str], extracto
     identities: dict[str, tuple[int | None, int | None]] = {}
     open_scenes: list[Any] = []
     reader = ArchiveReader()
-    bar = tqdm(unit="item", desc="indexing", file=sys.stderr, disable=not (progress and writer), leave=False)
+    bar = tqdm(unit="item", desc="indexing", file=sys.stderr, disable=not (progress and writer))
 
     def bad(message: str) -> None:
         if not skip_bad:
-            raise ImageReadError(f"{message}; pass --skip-bad to skip (and count) unreadable images and tiles")
+            raise ImageReadError(f"{message} (--skip-bad skips and counts inputs that cannot be read)")
         report.skipped_bad.append(message)
         print(f"warning: skipping {message}", file=sys.stderr)
 

@@ -81,17 +81,21 @@ def is_band_folder(folder: str, bands: Sequence[int] | Sequence[str] | None) -> 
     return all(any(re.search(rf"(^|[_\-.]){re.escape(b)}$", n, re.IGNORECASE) for n in names) for b in bands)
 
 
-def collect(inputs: Sequence[str | os.PathLike], options: Options) -> list[str]:
-    """The absolute paths of the files and scenes under `inputs`, in order, each once.
+def collect(inputs: Sequence[str | os.PathLike], options: Options) -> tuple[list[str], int]:
+    """The absolute paths of the files and scenes under `inputs`, in order, each once, and how many
+    more times some were named (a file given and also inside a given folder).
 
     Raises:
         ImageReadError: naming an input that does not exist, or a folder with nothing to index.
     """
     out: list[str] = []
     seen: set[str] = set()
+    repeated = [0]
 
     def add(path: str) -> None:
-        if path not in seen:
+        if path in seen:
+            repeated[0] += 1
+        else:
             seen.add(path)
             out.append(path)
 
@@ -120,7 +124,7 @@ def collect(inputs: Sequence[str | os.PathLike], options: Options) -> list[str]:
             add(path)
         else:
             raise ImageReadError(f"{given}: no such file or folder")
-    return out
+    return out, repeated[0]
 
 
 def file_identity(path: str) -> tuple[int | None, int | None]:

@@ -16,6 +16,7 @@ import os
 import sys
 
 from rsclip_jax.apps.index import DEFAULT_SHARD_SIZE, KINDS, Options, add_to_index, build_index
+from rsclip_jax.apps.index_merge import merge_indexes
 from rsclip_jax.apps.index_store import read_manifest, unlisted_shards
 from rsclip_jax.apps.index_vectors import EXACT_MAX_ROWS
 from rsclip_jax.apps.search import Searcher, hits_to_csv, hits_to_geojson, write_contact_sheet
@@ -87,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _input_args(a, defaults=False)
     a.set_defaults(func=run_add)
 
+    g = isub.add_parser("merge", help="one index from several built with the same model (e.g. by separate jobs)")
+    g.add_argument("sources", nargs="+", metavar="INDEX", help="the indexes to merge, in id order")
+    g.add_argument("--out", required=True, help="the new merged index folder")
+    g.set_defaults(func=run_merge)
+
     i = isub.add_parser("info", help="what an index holds")
     i.add_argument("index", help="the index folder")
     i.set_defaults(func=run_info)
@@ -151,6 +157,13 @@ def run_add(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, options=_options(args, base), skip_bad=args.skip_bad,
                           shard_size=args.shard_size)
     return _finish(report, args.report)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    m = merge_indexes(args.out, args.sources)
+    print(f"{os.path.abspath(args.out)}: {m['count']} items in {len(m['shards'])} shard(s) from "
+          f"{len(args.sources)} indexes", file=sys.stderr)
+    return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
