@@ -86,7 +86,8 @@ def merge_indexes(out: str | os.PathLike, sources: Sequence[str | os.PathLike]) 
                     pq.write_table(table, staging / "metadata.parquet", row_group_size=ROW_GROUP)
 
                 atomic_write_folder(out / name, write)
-                merged["shards"].append(dict(shard, name=name, first_id=next_id, merged_from=str(folder)))
+                merged["shards"].append(dict(shard, name=name, first_id=next_id, row_group=ROW_GROUP,
+                                             merged_from=str(folder)))
                 next_id += shard["count"]
         write_manifest(out, merged)
     return read_manifest(out)

@@ -32,7 +32,9 @@ import datetime as dt
 import fcntl
 import json
 import os
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,9 @@ from rsclip_jax.fileio import atomic_write_folder, atomic_write_json
 MANIFEST = "manifest.json"
 FORMAT = "rsclip-search-index"
 VERSION = 1
-ROW_GROUP = 8192  # parquet row groups: a hit's metadata is read from its group only
+# Parquet row groups: a hit's metadata is read from its own group only (row r of a shard is in group
+# r // ROW_GROUP), so a query's 50 hits cost a few small reads whatever the shard's size.
+ROW_GROUP = 1024
 
 
 class IndexFormatError(ValueError):
@@ -196,7 +200,7 @@ def write_shard(index_dir: str | os.PathLike, name: str, embeddings: np.ndarray,
 
     atomic_write_folder(Path(index_dir) / name, write)
     lonlat = [r.footprint_lonlat for r in records if r.footprint_lonlat is not None]
-    entry = {"name": name, "first_id": first_id, "count": len(records), **info[0].to_dict(),
+    entry = {"name": name, "first_id": first_id, "count": len(records), "row_group": ROW_GROUP, **info[0].to_dict(),
              "files": len({r.path for r in records}), "created": now(), **(settings or {})}
     if lonlat:
         entry["extent_lonlat"] = list(bbox(lonlat))
@@ -216,29 +220,59 @@ def shard_embeddings(index_dir: str | os.PathLike, shard: dict[str, Any]) -> np.
     return emb
 
 
-def read_rows(index_dir: str | os.PathLike, shard: dict[str, Any], ids: Sequence[int] | None = None,
-              columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Metadata rows of a shard as dicts (rings decoded, window as a tuple or None), in id order.
+class MetadataReader:
+    """Reads the metadata rows of hits: a shard's row r lies in Parquet row group r // ROW_GROUP.
 
-    `ids`: only these (read from their row groups only); None: every row.
+    Row groups are kept in an LRU cache of `max_groups` groups (1024 rows each), so repeated queries
+    (a web page) cost no reads, and memory stays bounded whatever the archive's size.
     """
-    path = Path(index_dir) / shard["name"] / "metadata.parquet"
-    filters = [("id", "in", sorted({int(i) for i in ids}))] if ids is not None else None
-    if ids is not None and not filters[0][2]:
-        return []
-    try:
-        table = pq.read_table(path, filters=filters, columns=list(columns) if columns else None)
-    except (OSError, pa.ArrowException) as e:
-        raise IndexFormatError(f"{path}: cannot read the shard's metadata ({e}); rebuild the index") from None
-    rows = table.to_pylist()
-    for row in rows:
-        if "col_off" in row:
-            parts = [row.pop(k) for k in ("col_off", "row_off", "width", "height")]
-            row["window"] = None if parts[0] is None else tuple(int(p) for p in parts)
-        for key, out in (("footprint", "footprint"), ("geometry", "footprint_lonlat")):
-            if key in row:
-                row[out] = _ring(row.pop(key))
-    return rows
+
+    def __init__(self, index_dir: str | os.PathLike, max_groups: int = 1024):
+        self.index_dir = Path(index_dir)
+        self.max_groups = max_groups
+        self._files: dict[str, pq.ParquetFile] = {}
+        self._groups: OrderedDict[tuple[str, int], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()  # the web server queries from several threads
+
+    def _group(self, shard: dict[str, Any], group: int) -> pa.Table:
+        key = (shard["name"], group)
+        with self._lock:
+            if key in self._groups:
+                self._groups.move_to_end(key)
+                return self._groups[key]
+            path = self.index_dir / shard["name"] / "metadata.parquet"
+            try:
+                if shard["name"] not in self._files:
+                    self._files[shard["name"]] = pq.ParquetFile(path)
+                table = self._files[shard["name"]].read_row_group(group)
+            except (OSError, pa.ArrowException, IndexError) as e:
+                raise IndexFormatError(f"{path}: cannot read the shard's metadata ({e}); rebuild the index") from None
+            self._groups[key] = table
+            while len(self._groups) > self.max_groups:
+                self._groups.popitem(last=False)
+            return table
+
+    def rows(self, shard: dict[str, Any], ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The rows of these ids of a shard as dicts (rings decoded, window a tuple or None), in id order."""
+        size = int(shard.get("row_group", ROW_GROUP))  # the size the shard was written with
+        by_group: dict[int, list[int]] = {}
+        for i in sorted({int(i) for i in ids}):
+            r = i - shard["first_id"]
+            by_group.setdefault(r // size, []).append(r % size)
+        out = []
+        for group, offsets in sorted(by_group.items()):
+            out.extend(_decode(row) for row in self._group(shard, group).take(offsets).to_pylist())
+        return out
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    if "col_off" in row:
+        parts = [row.pop(k) for k in ("col_off", "row_off", "width", "height")]
+        row["window"] = None if parts[0] is None else tuple(int(p) for p in parts)
+    for key, out in (("footprint", "footprint"), ("geometry", "footprint_lonlat")):
+        if key in row:
+            row[out] = _ring(row.pop(key))
+    return row
 
 
 def indexed_files(index_dir: str | os.PathLike, manifest: dict[str, Any]) -> dict[str, tuple[int | None, int | None]]:

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from rsclip_jax.apps.index import check_same_model, load_embedder
 from rsclip_jax.apps.index_inputs import Options, read_tile
-from rsclip_jax.apps.index_store import read_manifest, read_rows, shard_embeddings, unlisted_shards
+from rsclip_jax.apps.index_store import MetadataReader, read_manifest, shard_embeddings, unlisted_shards
 from rsclip_jax.apps.index_vectors import VectorInfo, merge_top_k, open_vectors, search_shard
 from rsclip_jax.evaluate.embeddings import Extractor
 from rsclip_jax.fileio import atomic_write
@@ -102,6 +102,7 @@ class Searcher:
         self._model, self._dtype, self._batch = model, dtype, max(1, min(batch_size, QUERY_BATCH))
         self._extractor: Extractor | None = None
         self._vectors: dict[str, Any] = {}
+        self._metadata = MetadataReader(self.index_dir)
         self._lock = threading.RLock()
         orphans = unlisted_shards(self.index_dir, self.manifest)
         if orphans:
@@ -220,7 +221,7 @@ class Searcher:
             by_shard.setdefault(bisect.bisect_right(self._starts, id) - 1, []).append(id)
         out: dict[int, dict[str, Any]] = {}
         for j, shard_ids in by_shard.items():
-            out.update({row["id"]: row for row in read_rows(self.index_dir, self.shards[j], shard_ids)})
+            out.update({row["id"]: row for row in self._metadata.rows(self.shards[j], shard_ids)})
         return out
 
     def _shard_index(self, shard: dict[str, Any]) -> Any:
