@@ -334,3 +334,24 @@ def test_merge_indexes_built_separately(scenes_index, tmp_path, tiny_checkpoint,
     assert main(["index", "info", str(merged)]) == 0
     assert f"{len(s)} items" in capsys.readouterr().out
     assert main(["index", "merge", "--out", str(tmp_path / "m2"), str(merged)]) == 1
+
+
+def test_band_folder_scene_then_add_with_other_tiling(tmp_path, tiny_checkpoint, capsys):
+    """A Sentinel-2 band folder is one scene (--bands names); `index add` with another --tile tiles
+    without overlap (the stride follows the new tile), and each shard reads its tiles back its own way."""
+    index = tmp_path / "s2.index"
+    ckpt = str(tiny_checkpoint)
+    assert main(["index", "build", "--checkpoint", ckpt, "--out", str(index), str(GEO / "s2_T33UUU"),
+                 "--bands", "B04,B03,B02", "--tile", "256"]) == 0
+    assert "added 18 items from 1 files/scenes" in capsys.readouterr().err  # 1536 x 768 in 256 px tiles
+    assert main(["index", "add", str(index), str(GEO / "ms1.tif"), "--bands", "1,2,3", "--tile", "128"]) == 0
+    assert "added 9 items" in capsys.readouterr().err  # 300 px: tiles at 0, 128, 172
+    s = Searcher(str(index))
+    hits = s.search(text="a river", k=len(s))
+    s2 = next(h for h in hits if h.path == str(GEO / "s2_T33UUU"))
+    ms1 = next(h for h in hits if h.path == str(GEO / "ms1.tif"))
+    assert s2.date == "2017-02-16" and s2.crs == "EPSG:32633" and s.tile(s2.id).size == (256, 256)
+    assert ms1.crs == "EPSG:32631" and s.tile(ms1.id).size == (128, 128)
+    # a named band for a single file is an error naming the file
+    assert main(["index", "add", str(index), str(GEO / "OSBS_029.tif"), "--bands", "B04,B03,B02"]) == 1
+    assert "OSBS_029.tif" in capsys.readouterr().err

@@ -45,7 +45,7 @@ class Options:
     whole_rasters: bool = False
 
     def settings(self) -> dict[str, Any]:
-        return {"tile": self.tile, "stride": self.stride or self.tile, "bands": self.bands,
+        return {"tile": self.tile, "stride": self.stride, "bands": self.bands,  # stride None: the tile
                 "scale": list(self.scale) if self.scale else None, "gamma": self.gamma,
                 "min_valid": self.min_valid, "whole_rasters": self.whole_rasters}
 

@@ -292,7 +292,9 @@ def write_contact_sheet(searcher: Searcher, hits: Sequence[Hit], path: str | os.
         x, y = 6 + (n % columns) * cell_w, 6 + (n // columns) * cell_h
         try:
             img = searcher.tile(hit.id)
-            img.thumbnail((thumb, thumb), Image.BICUBIC)
+            f = thumb / max(img.size)  # small tiles (a 24 px Sentinel-2 patch) are enlarged too
+            size = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+            img = img.resize(size, Image.NEAREST if f >= 2 else Image.BICUBIC)  # enlarged: crisp pixels
             sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
         except (OSError, ValueError) as e:  # a file gone since indexing: a grey cell says so
             draw.rectangle([x, y, x + thumb, y + thumb], fill=(200, 200, 200))

@@ -123,6 +123,8 @@ def _options(args: argparse.Namespace, base: Options) -> Options:
     given = {"tile": args.tile, "stride": args.stride, "bands": parse_bands(args.bands),
              "scale": parse_scale(args.scale), "min_valid": args.min_valid}
     opts = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    if args.tile is not None and args.stride is None:
+        opts = dataclasses.replace(opts, stride=None)  # a new tile without a stride: no overlap, as in build
     if args.gamma != 1.0:
         opts = dataclasses.replace(opts, gamma=args.gamma)
     if args.whole_rasters:
