@@ -109,9 +109,11 @@ class BuildReport:
 
 
 def load_embedder(checkpoint: str, model: str | None = None, dtype: str = "float32", batch_size: int = 64,
-                  progress: bool = False) -> tuple[Extractor, dict[str, Any]]:
-    """An `Extractor` for a checkpoint (with its own tokenizer), and what was loaded."""
-    clip, info = load_checkpoint_with_info(checkpoint, model, dtype=dtype)
+                  progress: bool = False, step: int | None = None, best: bool = False,
+                  ) -> tuple[Extractor, dict[str, Any]]:
+    """An `Extractor` for a checkpoint (with its own tokenizer), and what was loaded (`step`/`best`:
+    which checkpoint of a training workdir)."""
+    clip, info = load_checkpoint_with_info(checkpoint, model, step=step, best=best, dtype=dtype)
     tokenizer = load_tokenizer(checkpoint, info["format"])
     info["dtype"] = dtype
     return Extractor(clip, batch_size=batch_size, progress=progress, tokenizer=tokenizer), info
@@ -149,7 +151,7 @@ def _publishable_folder(index_dir: Path) -> None:
 def build_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], checkpoint: str, *,
                 model: str | None = None, dtype: str = "float32", batch_size: int = 64, kind: str = "auto",
                 options: Options = Options(), skip_bad: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
-                progress: bool = True) -> BuildReport:
+                progress: bool = True, step: int | None = None, best: bool = False) -> BuildReport:
     """Embeds the images and scene tiles under `inputs` into a new index at `index_dir`.
 
     Raises:
@@ -161,7 +163,7 @@ def build_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike
     resolve_kind(kind, 0)  # validates the name before any work
     _publishable_folder(index_dir)
     paths, twice = collect(inputs, options)
-    extractor, info = load_embedder(checkpoint, model, dtype, batch_size)
+    extractor, info = load_embedder(checkpoint, model, dtype, batch_size, step=step, best=best)
     report = BuildReport(str(index_dir), named_twice=twice)
     with _writer_lock(index_dir):
         _publishable_folder(index_dir)
@@ -169,7 +171,7 @@ def build_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike
                     "checkpoint_format": info["format"], "fingerprint": extractor.fingerprint, "dtype": dtype,
                     "embed_dim": int(extractor.embed_dim), "image_size": int(extractor.image_size),
                     "preprocessing": PREPROCESSING, "kind": kind, "settings": options.settings(),
-                    "created": now(), "root": None, "count": 0, "shards": []}
+                    "step": info.get("step"), "created": now(), "root": None, "count": 0, "shards": []}
         _embed(index_dir, manifest, paths, extractor, kind, options, skip_bad, shard_size, progress, report)
         if report.added == 0:
             raise ValueError(f"nothing to index under {', '.join(map(str, inputs))}: " + "; ".join(report.lines()[1:]))
@@ -197,7 +199,8 @@ def add_to_index(index_dir: str | os.PathLike, inputs: Sequence[str | os.PathLik
     options = options or Options.from_settings(manifest.get("settings", {}))
     paths, twice = collect(inputs, options)
     extractor, info = load_embedder(checkpoint or manifest["checkpoint"], model,
-                                    dtype or manifest.get("dtype", "float32"), batch_size)
+                                    dtype or manifest.get("dtype", "float32"), batch_size,
+                                    step=manifest.get("step") if checkpoint is None else None)
     check_same_model(index_dir, manifest, extractor, info)
     report = BuildReport(str(index_dir), named_twice=twice)
     with _writer_lock(index_dir):

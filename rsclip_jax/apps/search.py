@@ -122,7 +122,9 @@ class Searcher:
                 if not os.path.exists(self.checkpoint):
                     raise FileNotFoundError(f"{self.checkpoint}: the index's checkpoint is missing; pass the same "
                                             "weights with --checkpoint (checkpoint=...)")
-                extractor, info = load_embedder(self.checkpoint, self._model, self._dtype, self._batch)
+                same = os.path.abspath(self.checkpoint) == self.manifest["checkpoint"]
+                extractor, info = load_embedder(self.checkpoint, self._model, self._dtype, self._batch,
+                                                step=self.manifest.get("step") if same else None)
                 check_same_model(self.index_dir, self.manifest, extractor, info)
                 self._extractor = extractor
             return self._extractor

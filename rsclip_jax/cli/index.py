@@ -23,6 +23,7 @@ from rsclip_jax.apps.search import Searcher, hits_to_csv, hits_to_geojson, write
 from rsclip_jax.cli.common import (
     CHECKPOINT_HELP,
     MODEL_HELP,
+    add_checkpoint_choice_args,
     add_raster_args,
     check_output_path,
     positive_int,
@@ -45,6 +46,8 @@ def fraction(text: str) -> float:
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:
     default = "" if required else "; default: the checkpoint the index was built with"
     p.add_argument("--checkpoint", required=required, default=None, help=CHECKPOINT_HELP + default)
+    if required:  # build: which checkpoint of a workdir (add and search use the recorded one)
+        add_checkpoint_choice_args(p)
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--dtype", default=None if not required else "float32", choices=["float32", "bfloat16"],
                    help="compute dtype" + ("" if required else " (default: the index's)"))
@@ -146,7 +149,7 @@ def run_build(args: argparse.Namespace) -> int:
         check_output_path(args.report, "--report")
     report = build_index(args.out, args.inputs, args.checkpoint, model=args.model, dtype=args.dtype,
                          batch_size=args.batch_size, kind=args.kind, options=_options(args, Options()),
-                         skip_bad=args.skip_bad, shard_size=args.shard_size)
+                         skip_bad=args.skip_bad, shard_size=args.shard_size, step=args.step, best=args.best)
     return _finish(report, args.report)
 
 
