@@ -1,6 +1,6 @@
 """The vector part of a search index: one shard's embeddings searched exactly or approximately (FAISS).
 
-Chosen by measurement (bench/bench_index.py, docs/applications_search.md): on a 100k x 512 set
+Chosen by measurement (bench/bench_index.py, docs/applications.md): on a 100k x 512 set
 FAISS builds an IVF-Flat index in seconds where HNSW (FAISS or usearch) takes minutes on a small
 CPU, queries faster, and its IVF file can be memory-mapped, so a shard larger than memory is
 searched without loading it.
@@ -27,7 +27,7 @@ import numpy as np
 
 KINDS = ("auto", "exact", "approx")
 # A single exact query at this size scans 0.5 GB (512-d float32), tens of milliseconds on one CPU
-# core pair (see docs/applications_search.md); beyond it the IVF index answers in about a millisecond.
+# core pair (see docs/applications.md); beyond it the IVF index answers in about a millisecond.
 EXACT_MAX_ROWS = 262_144
 RECALL_TARGET = 0.97  # calibration target; the acceptance asks >= 0.95 on held-out queries
 CALIBRATION_K = 10
