@@ -140,13 +140,20 @@ SKIP = {
     ),
     (
         "docs/training.md",
+        "rsclip launch local --num-processes 2 --devices-per-process 4 -- train --config configs/demo.py --workdir runs/mp",
+    ): (
+        "two processes, each importing JAX and compiling, take over a minute on 2 cores; "
+        "tests/test_launch.py::test_local_launch_matches_single_process runs this launcher on the same model"
+    ),
+    (
+        "docs/scaling.md",
         (
-            "python launch/local.py --num-processes 2 --devices-per-process 4 -- "
-            "rsclip train --config configs/demo.py --workdir runs/mp"
+            "rsclip launch local --num-processes 2 --devices-per-process 2 -- train --config configs/demo.py "
+            "--workdir runs/mp --config.total_steps=4 --config.log_every_steps=1"
         ),
     ): (
         "two processes, each importing JAX and compiling, take over a minute on 2 cores; "
-        "tests/test_train_loop.py::test_two_processes_match_one runs this launcher with these flags"
+        "tests/test_launch.py::test_local_launch_matches_single_process runs this job (2 x 2 devices, 4 steps)"
     ),
     ("docs/performance.md", "bench/gpu_suite.sh"): (
         "needs an NVIDIA GPU; tests/test_bench.py runs the same script with --dry-run"

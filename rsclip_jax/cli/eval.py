@@ -21,7 +21,6 @@ import jax
 
 from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP, add_checkpoint_choice_args, check_output_path, positive_int
 from rsclip_jax.checkpoint import load_tokenizer
-from rsclip_jax.cli.train import init_distributed
 from rsclip_jax.evaluate.embeddings import default_cache_dir
 from rsclip_jax.evaluate.models import load_model
 from rsclip_jax.evaluate.paper import run_paper_suite
@@ -31,6 +30,7 @@ from rsclip_jax.evaluate.tasks import make_task
 from rsclip_jax.evaluate.report import build_report, markdown, paper_numbers, write_json
 from rsclip_jax.evaluate.suite import ALL_TASKS, SCENE_TASKS, Evaluator, discover
 from rsclip_jax.fileio import atomic_write_text
+from rsclip_jax.train.distributed import add_distributed_args, init_distributed
 
 SUITES = ("remoteclip", "remoteclip-paper")
 TASK_CHOICES = ("zeroshot", "linear_probe", "knn", "fewshot", "retrieval", "counting")
@@ -75,11 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-cache", action="store_true", help="do not read or write cached embeddings")
     g.add_argument("--skip-missing", action="store_true",
                    help="skip and count missing/unreadable images and empty class folders instead of stopping")
-    g = p.add_argument_group("multi-process (as rsclip train)")
-    g.add_argument("--coordinator-address", default=None)
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
-    g.add_argument("--distributed", action="store_true")
+    add_distributed_args(p.add_argument_group("multi-process (as rsclip train)"))
     p.set_defaults(func=run_eval)
 
 
@@ -139,7 +135,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.suite != "remoteclip-paper" and not args.checkpoint:
         raise ValueError("--checkpoint is required (a weights file or an rsclip training workdir)")
     check_output_path(args.out, "--out")  # before any model loads or embeds
-    init_distributed(args)
+    init_distributed(args)  # under `rsclip launch`, beats in the background from here on (no steps to beat at)
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     config: dict[str, Any] = {"command": {k: v for k, v in vars(args).items() if k != "func"},
                               "cache_dir": cache_dir, "devices": jax.device_count(), "processes": jax.process_count(),

@@ -9,6 +9,7 @@ import sys
 import jax
 
 from rsclip_jax.train.config import load_config
+from rsclip_jax.train.distributed import add_distributed_args, check_distributed_args, init_distributed
 from rsclip_jax.train.loop import train
 
 
@@ -21,29 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", required=True, help="config file, optionally with an argument: configs/demo.py[:ARG]")
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl and TensorBoard logs go here")
-    p.add_argument("--coordinator-address", default=None, help="multi-process: HOST:PORT of process 0")
-    p.add_argument("--num-processes", type=int, default=None, help="multi-process: total number of processes")
-    p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index")
-    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() with cluster "
-                   "auto-detection (TPU pods, SLURM) when no coordinator is given")
+    add_distributed_args(p)
     p.add_argument("--allow-config-change", action="store_true", help="resume even though batch_size, "
                    "loss.chunk_size or data.train changed since the checkpoint (the architecture and clip<->siglip "
                    "can never change)")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
 
-def init_distributed(args: argparse.Namespace) -> None:
-    """Joins a multi-process JAX job (CPU processes talk over gloo)."""
-    if args.coordinator_address is None and not args.distributed:
-        return
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
-    )
-
-
 def run_train(args: argparse.Namespace) -> int:
+    check_distributed_args(args)
     config = load_config(args.config, args.overrides)  # errors here, before anything compiles
     init_distributed(args)
     summary = train(config, args.workdir, args.allow_config_change)

@@ -28,6 +28,7 @@ from rsclip_jax.data.pipeline import to_global_batch
 from rsclip_jax.models.flops import train_step_flops
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import check_resume_compatible
+from rsclip_jax.train import heartbeat
 from rsclip_jax.train.evals import TrainingEvals
 from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
 from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
@@ -65,6 +66,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
     os.makedirs(workdir, exist_ok=True)
+    heartbeat.background("setup")  # data build, weights, restore, first step: beats from a thread until stepping
     run = build_run(config)
     training_evals = TrainingEvals(config, run.mesh, run.graphdef)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
@@ -83,6 +85,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     writer = MetricWriter(workdir, resume_step=start)
     step_fn = train_step_for(run)
     summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, training_evals)
+    heartbeat.background("close")  # waits for the last asynchronous save
     writer.close()
     checkpointer.close()
     return summary
@@ -125,6 +128,10 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
         while step < config.total_steps:
             batch = to_global_batch(next(data_iter), run.mesh, run.batch_axes)
             state, metrics = step_fn(state, batch)
+            if step == start:  # first batch, compile, first run (collectives connect): minutes for a large model
+                jax.block_until_ready(metrics)
+                heartbeat.foreground("train")
+            heartbeat.beat()  # from here on only steps beat: a process stopped, or stuck in a collective, stops
             step += 1
             window_steps += 1
             first_nonfinite = jnp.where(metrics["nonfinite"] & (first_nonfinite < 0), step, first_nonfinite)
@@ -154,11 +161,15 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
-            step_evals = _run_evals(training_evals, due_evals, step, state, writer) if evaluate else None
+            step_evals = None
+            if evaluate:
+                with heartbeat.keepalive("eval"):
+                    step_evals = _run_evals(training_evals, due_evals, step, state, writer)
             evals = step_evals or evals
             if save:
                 # Only metrics computed at this step: "best" must never credit a stale evaluation.
-                checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
+                with heartbeat.keepalive("save"):
+                    checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 saved_step = step
             if preemption.agreed():
                 if saved_step != step:
