@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from rsclip_jax.cli import checkpoints, data, demo, embed, train
 from rsclip_jax.cli import eval as eval_cli
 from rsclip_jax.cli import index as index_cli
+from rsclip_jax.cli import launch as launch_cli
 from rsclip_jax.cli import mapping as map_cli
 from rsclip_jax.cli import serve as serve_cli
 
@@ -17,7 +18,7 @@ from rsclip_jax.cli import serve as serve_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (embed, checkpoints, data, train, eval_cli, demo, map_cli, index_cli, serve_cli):
+    for module in (embed, checkpoints, data, train, eval_cli, demo, map_cli, index_cli, serve_cli, launch_cli):
         module.register(sub)
     return parser
 
