@@ -271,3 +271,20 @@ def test_classify_json_into_a_new_folder(tiny, tmp_path, capsys):
                  *map(str, images)]) == 0
     assert json.loads(out.read_text())["labels"] == ["forest", "meadow"]
     assert f"wrote {out}" in capsys.readouterr().err
+
+
+def test_number_flags_share_one_rule_and_name_the_flag(capsys):
+    import pytest
+
+    from rsclip_jax.cli import main
+
+    for argv, message in (
+        (["map", "--checkpoint", "x.pt", "s.tif", "--labels", "a,b", "--out", "m.tif", "--min-valid", "1.5"],
+         "--min-valid: must be a fraction from 0 to 1, got 1.5"),
+        (["serve", "idx", "--port", "x"], "--port: expected a port number 0..65535 (0: any free port), got 'x'"),
+        (["embed", "--checkpoint", "x.pt", "--images", "a.png", "--out", "e", "--batch-size", "0"],
+         "--batch-size: must be a positive integer (1 or more), got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err

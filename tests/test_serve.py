@@ -233,10 +233,10 @@ def test_bind_reports_a_taken_port_before_loading_the_model(built, capsys):
 def test_bad_flags_and_host_names(built, capsys):
     with pytest.raises(SystemExit):
         main(["serve", str(built["index"]), "--port", "70000"])
-    assert "0..65535" in capsys.readouterr().err
+    assert "--port: must be a port number 0..65535 (0: any free port), got 70000" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", str(built["index"]), "--max-upload-mb", "0"])
-    assert "more than 0 MB" in capsys.readouterr().err
+    assert "--max-upload-mb: must be a size in MB above 0, got 0" in capsys.readouterr().err
     assert main(["serve", str(built["index"]), "--host", "no-such-host.invalid", "--port", "0"]) == 1
     assert "--host no-such-host.invalid" in capsys.readouterr().err
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

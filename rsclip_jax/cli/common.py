@@ -7,6 +7,7 @@ import os
 import sys
 from typing import Any
 
+from rsclip_jax.argtypes import positive_int  # noqa: F401 - re-exported: the CLI modules import it from here
 from rsclip_jax.checkpoint import load_checkpoint_with_info, load_tokenizer
 from rsclip_jax.models import CLIP
 
@@ -38,20 +39,6 @@ def read_text_lines(path: str | os.PathLike) -> list[str]:
         if text:
             lines.append(text)
     return lines
-
-
-def positive_int(text: str) -> int:
-    """argparse type of counts and sizes (--batch-size, --k, --top-k): an integer of 1 or more.
-
-    argparse reports a bad value as `argument --FLAG: ...` and exits before any work.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
-    return value
 
 
 def check_output_path(path: str, flag: str) -> str:

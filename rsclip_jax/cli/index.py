@@ -20,6 +20,7 @@ from rsclip_jax.apps.index_merge import merge_indexes
 from rsclip_jax.apps.index_store import read_manifest, unlisted_shards
 from rsclip_jax.apps.index_vectors import EXACT_MAX_ROWS
 from rsclip_jax.apps.search import Searcher, hits_to_csv, hits_to_geojson, write_contact_sheet
+from rsclip_jax.argtypes import fraction
 from rsclip_jax.cli.common import (
     CHECKPOINT_HELP,
     MODEL_HELP,
@@ -30,17 +31,6 @@ from rsclip_jax.cli.common import (
 )
 from rsclip_jax.fileio import atomic_write_json, atomic_write_text
 from rsclip_jax.raster import parse_bands, parse_scale
-
-
-def fraction(text: str) -> float:
-    """argparse type of --min-valid: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction from 0 to 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
 
 
 def _model_args(p: argparse.ArgumentParser, required: bool) -> None:

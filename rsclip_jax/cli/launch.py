@@ -21,20 +21,10 @@ import subprocess
 import sys
 import tempfile
 
-from rsclip_jax.cli.common import positive_int
+from rsclip_jax.argtypes import positive_int, seconds
 from rsclip_jax.fileio import atomic_write_text
 from rsclip_jax.launch import scripts
 from rsclip_jax.launch.supervisor import Process, Supervisor
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,14 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def supervised(q: argparse.ArgumentParser) -> None:
         q.add_argument("--log-dir", default=None, help="every process's log, process_<i>.log (default WORKDIR/logs)")
-        q.add_argument("--kill-grace", type=_seconds, default=10.0, metavar="SECONDS",
+        q.add_argument("--kill-grace", type=seconds, default=10.0, metavar="SECONDS",
                        help="after a failure, SIGKILL the others this long after SIGTERM (default %(default)g)")
 
     q = kinds.add_parser("local", help="N processes on this machine, M simulated CPU devices each (gloo)")
     q.add_argument("--num-processes", type=positive_int, default=2)
     q.add_argument("--devices-per-process", type=positive_int, default=4, help="simulated CPU devices per process")
     q.add_argument("--port", type=int, default=0, help="coordinator port on 127.0.0.1 (default: a free one)")
-    q.add_argument("--heartbeat-timeout", type=_seconds, default=300.0, metavar="SECONDS",
+    q.add_argument("--heartbeat-timeout", type=seconds, default=300.0, metavar="SECONDS",
                    help="take the job down when a process's heartbeat is this old (stopped or stuck); 0: never "
                    "(default %(default)g)")
     supervised(q)

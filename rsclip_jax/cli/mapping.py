@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from rsclip_jax.argtypes import fraction
 from rsclip_jax.apps.map_accuracy import format_accuracy, map_accuracy, parse_truth_classes
 from rsclip_jax.apps.mapping import DEFAULT_MIN_VALID, PROBS_DTYPES, map_scene
 from rsclip_jax.apps.mapping_outputs import vector_driver
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="uint8: percent 0-100, nodata 255 (default); float32: 0-1, nodata NaN")
     p.add_argument("--vector", default=None, help="also write polygons of the class regions (.geojson or .gpkg)")
     p.add_argument("--preview", default=None, help="also write a quick-look PNG with a legend")
-    p.add_argument("--min-valid", type=float, default=DEFAULT_MIN_VALID,
+    p.add_argument("--min-valid", type=fraction, default=DEFAULT_MIN_VALID,
                    help=f"skip tiles with less than this fraction of valid pixels (default {DEFAULT_MIN_VALID})")
     p.add_argument("--truth", default=None,
                    help="score the map against reference polygons (GeoPackage/GeoJSON/Shapefile): pixel accuracy "
@@ -82,8 +83,6 @@ def run_map(args: argparse.Namespace) -> int:
             check_output_path(getattr(args, flag), f"--{flag}")
     if args.vector:
         vector_driver(args.vector)
-    if not 0.0 <= args.min_valid <= 1.0:
-        raise ValueError(f"--min-valid {args.min_valid}: give a fraction between 0 and 1")
     templates = load_templates(args.templates)
     with open_scene(args.scene, parse_bands(args.bands), parse_scale(args.scale), args.gamma) as scene:
         print(scene.describe(), file=sys.stderr)

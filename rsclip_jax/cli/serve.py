@@ -13,29 +13,8 @@ import sys
 
 from rsclip_jax.apps.search import Searcher
 from rsclip_jax.apps.serve import LOOPBACK_NAMES, bind, create_app, is_loopback, serve, url_of
-from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP, positive_int
-
-
-def port_number(text: str) -> int:
-    """argparse type of --port: 0 (any free port) to 65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535 (0: any free port), got {value}")
-    return value
-
-
-def positive_megabytes(text: str) -> float:
-    """argparse type of --max-upload-mb: a size in MB greater than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size in MB, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 MB, got {text}")
-    return value
+from rsclip_jax.argtypes import port_number, positive_int, positive_megabytes
+from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -20,6 +20,7 @@ import threading
 
 import jax
 
+from rsclip_jax.argtypes import positive_int
 from rsclip_jax.train import heartbeat
 
 FLAGS = ("--coordinator-address", "--num-processes", "--process-id")
@@ -27,25 +28,15 @@ DEFAULT_INIT_TIMEOUT = 300  # JAX's own default
 INIT_TIMEOUT_EXIT_CODE = 1  # a user-facing error, as every `rsclip ... error:` line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
-    return value
-
-
 def add_distributed_args(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """The multi-process flags (one definition for every command that can run as several processes)."""
     p.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
                    help="multi-process: address of process 0 (with --num-processes and --process-id)")
-    p.add_argument("--num-processes", type=_positive_int, default=None, help="multi-process: total number of processes")
+    p.add_argument("--num-processes", type=positive_int, default=None, help="multi-process: total number of processes")
     p.add_argument("--process-id", type=int, default=None, help="multi-process: this process's index, 0 to N-1")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() with cluster "
                    "auto-detection (Cloud TPU, SLURM, Open MPI) when no coordinator is given")
-    p.add_argument("--init-timeout", type=_positive_int, default=DEFAULT_INIT_TIMEOUT, metavar="SECONDS",
+    p.add_argument("--init-timeout", type=positive_int, default=DEFAULT_INIT_TIMEOUT, metavar="SECONDS",
                    help="multi-process: give up when the other processes have not joined after this many seconds, "
                    "naming the ones missing (default %(default)s)")
 
