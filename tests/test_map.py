@@ -178,3 +178,26 @@ def test_window_reads_match_the_tiles_the_map_embeds():
         strip, _ = scene.read_rgb(Window(0, 96, 400, 128))
         tile, _ = scene.read_rgb(Window(200, 96, 128, 128))
     np.testing.assert_array_equal(strip[:, 200:328], tile)
+
+
+def test_a_disk_cache_never_mixes_tiles_of_two_scenes(tiny_checkpoint, tmp_path):
+    # two scenes of one size have the same tile places ("row:col"): they must not share cache entries
+    with rasterio.open(OSBS) as src:
+        profile, data = src.profile, src.read()
+    flipped = tmp_path / "flipped.tif"
+    with rasterio.open(flipped, "w", **profile) as dst:
+        dst.write(data[:, ::-1, ::-1])
+    model = load_checkpoint(tiny_checkpoint)
+    extractor = Extractor(model, batch_size=16, progress=False, cache_dir=str(tmp_path / "cache"))
+    classes = extractor.classifier(LABELS, ["a satellite photo of {}."])
+    maps = []
+    for i, path in enumerate((OSBS, flipped)):
+        with open_scene(path) as scene:
+            map_scene(scene, extractor, classes, LABELS, str(tmp_path / f"m{i}.tif"), tile=200, stride=200,
+                      probs=str(tmp_path / f"p{i}.tif"), probs_dtype="float32", progress=False)
+        with rasterio.open(tmp_path / f"p{i}.tif") as p:
+            probs = p.read()
+        # one tile's probabilities per 200-px block (pixels outside nodata all carry them)
+        maps.append(np.array([[np.nanmax(probs[:, r:r + 200, c:c + 200], axis=(1, 2)) for c in (0, 200)]
+                              for r in (0, 200)]))
+    assert not np.allclose(maps[0], maps[1], atol=1e-6)

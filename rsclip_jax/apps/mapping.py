@@ -26,6 +26,7 @@ Outputs (all written atomically, and only when the whole map succeeds):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -77,13 +78,17 @@ class MapReport:
 
 
 class _StripReader:
-    """`Extractor` items "row:col" read as tiles of in-memory strips (one strip per tile row)."""
+    """`Extractor` items "row:col" read as tiles of in-memory strips (one strip per tile row).
 
-    def __init__(self, strips: dict[int, np.ndarray], tile: int):
-        self.strips, self.tile = strips, tile
+    The cache identity of a tile is its scene (files, sizes, mtimes, bands, stretch), its place
+    and its size, so an Extractor with a disk cache never mixes tiles of different scenes.
+    """
 
-    def identity(self, item: str) -> str:
-        return item  # never cached: map_scene passes no cache_dir
+    def __init__(self, strips: dict[int, np.ndarray], tile: int, scene_key: list):
+        self.strips, self.tile, self.scene_key = strips, tile, scene_key
+
+    def identity(self, item: str) -> list:
+        return [self.scene_key, item, self.tile]
 
     def read(self, item: str) -> Image.Image:
         row, col = (int(v) for v in item.split(":"))
@@ -138,6 +143,7 @@ def map_scene(scene: Scene, extractor: Extractor, classes: np.ndarray, labels: S
         print(f"warning: {scene.path} has no CRS: the map is written on pixel coordinates, not georeferenced",
               file=sys.stderr)
     paths = [out] + [p for p in (probs, vector, preview) if p]
+    scene_key = [[(src.path, src.index, *_stat(src.path)) for src in scene.sources], dataclasses.astuple(scene.stretch)]
     start = time.time()
     with bounded_gdal_cache(), atomic_files(*paths) as tmps:
         tmp = dict(zip(paths, tmps))
@@ -158,7 +164,7 @@ def map_scene(scene: Scene, extractor: Extractor, classes: np.ndarray, labels: S
                             items.append(f"{y}:{x}")
                         else:
                             report.skipped_nodata += 1
-                p = _probabilities(extractor, items, _StripReader(strips, t), classes)
+                p = _probabilities(extractor, items, _StripReader(strips, t, scene_key), classes)
                 report.embedded += len(items)
                 by_row: dict[int, list[tuple[int, np.ndarray]]] = {y: [] for y in group}
                 for item, prob in zip(items, p):
@@ -192,6 +198,11 @@ def map_scene(scene: Scene, extractor: Extractor, classes: np.ndarray, labels: S
     report.outputs = paths
     report.seconds = time.time() - start
     return report
+
+
+def _stat(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
 
 
 def _probabilities(extractor: Extractor, items: list[str], reader: _StripReader, classes: np.ndarray) -> np.ndarray:
