@@ -36,4 +36,8 @@ def run_train(args: argparse.Namespace) -> int:
     summary = train(config, args.workdir, args.allow_config_change)
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2, default=float), file=sys.stdout)
+    if summary["ended"] == "interrupted":  # Ctrl-C: saved, but not finished; a script must not go on
+        print(f"rsclip train: interrupted (Ctrl-C) at step {summary['step']}; checkpoint saved, rerun the same "
+              "command to resume", file=sys.stderr)
+        return 130
     return 0

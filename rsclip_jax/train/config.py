@@ -48,6 +48,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 0  # default cadence of config.evals entries; 0: evaluate only at the end
     c.eval_batch_size = 64  # global batch of the embedding passes of the evals
     c.nan_policy = "skip"  # skip: drop the update and go on; stop: end the run with an error
+    # Under nan_policy=skip, the run stops with an error once more steps than this were skipped
+    # (non-finite loss, gradient or update) since it started or resumed; 0: no absolute limit.
+    c.max_skipped_steps = 10
+    # ... or once skipped steps exceed this fraction of the steps run, checked after
+    # SKIPPED_FRACTION_MIN_STEPS (20) steps; 0: no fractional limit.
+    c.max_skipped_fraction = 0.1
+    # Ctrl-C (SIGINT) as preemption: save at the next step boundary, then exit non-zero; a second
+    # Ctrl-C exits at once. False: Ctrl-C raises KeyboardInterrupt as usual.
+    c.preempt_on_sigint = True
     # Peak dense bf16 TFLOP/s of one device, for the logged mfu; 0: known from the device kind
     # (H100, A100, TPU v4/v5e/v5p/v6e, ...), else mfu is not logged (e.g. on CPU).
     c.peak_tflops_per_device = 0.0
@@ -148,6 +157,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config key {key!r} must be positive, got {config[key]}")
     if config.nan_policy not in ("skip", "stop"):
         raise ConfigError(f"nan_policy must be 'skip' or 'stop', got {config.nan_policy!r}")
+    if config.get("max_skipped_steps", 0) < 0:
+        raise ConfigError(f"max_skipped_steps must be >= 0 (0: no limit), got {config.max_skipped_steps}")
+    if not 0.0 <= config.get("max_skipped_fraction", 0.0) < 1.0:
+        raise ConfigError(f"max_skipped_fraction must be in [0, 1) (0: no limit), got {config.max_skipped_fraction}")
     if config.get("loss", {}).get("name", "clip") not in ("clip", "siglip"):
         raise ConfigError(f"loss.name must be 'clip' or 'siglip', got {config.loss.name!r}")
     accum = config.get("optim", {}).get("grad_accum_steps", 1)

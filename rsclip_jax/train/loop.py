@@ -3,7 +3,10 @@
 `train(config, workdir)` is what `rsclip train` runs. Rerunning the same command with the same
 workdir resumes from the latest checkpoint (train state and data iterator), so the metrics after
 a resume equal those of an uninterrupted run. SIGTERM (preemption) makes the loop save a
-checkpoint at the next step boundary and return cleanly.
+checkpoint at the next step boundary and return cleanly; so does Ctrl-C (SIGINT, unless
+`preempt_on_sigint=False`), reported as `ended: "interrupted"` (the command then exits 130), and a
+second Ctrl-C exits at once. Process 0 holds the workdir lock (`train/workdir_lock.py`) for the
+whole run, and the checkpointer and metric writer are closed on every exit path.
 """
 
 from __future__ import annotations
@@ -33,20 +36,45 @@ from rsclip_jax.train.evals import TrainingEvals
 from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
 from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
+from rsclip_jax.train.workdir_lock import WorkdirLock
+
+# max_skipped_fraction is checked only after this many steps of a run (one early blow-up in a short
+# run is not yet a trend).
+SKIPPED_FRACTION_MIN_STEPS = 20
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised under nan_policy='stop' when a step's loss or gradient is NaN/Inf."""
+    """Raised under nan_policy='stop' when a step's loss, gradient or update is NaN/Inf."""
+
+
+class TooManySkippedStepsError(NonFiniteLossError):
+    """Raised under nan_policy='skip' when max_skipped_steps or max_skipped_fraction is exceeded."""
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked at step boundaries (agreed on by all processes)."""
+    """Turns SIGTERM (and SIGINT, when asked) into a flag checked at step boundaries (agreed on by
+    all processes). A second SIGINT calls `on_abort` and exits at once (status 130)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sigint: bool = False, on_abort: Any = None) -> None:
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.signal_name = "SIGTERM"
+        self._on_abort = on_abort
+        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+        if sigint:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.requested and self.signal_name == "SIGINT":
+                print("[train] second Ctrl-C: exiting at once, without waiting for the checkpoint "
+                      "(the last complete one is kept)", file=sys.stderr, flush=True)
+                if self._on_abort is not None:
+                    self._on_abort()
+                os._exit(130)
+            _log("Ctrl-C: saving a checkpoint at the next step boundary, then exiting; press Ctrl-C again to "
+                 "exit at once")
+        if not self.requested:
+            self.signal_name = signal.Signals(signum).name
         self.requested = True
 
     def agreed(self) -> bool:
@@ -55,7 +83,8 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool = False) -> dict[str, Any]:
@@ -66,10 +95,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
     os.makedirs(workdir, exist_ok=True)
+    # Only process 0 locks: the others share its workdir (and would refuse each other).
+    lock = WorkdirLock(workdir, log=_log).acquire() if jax.process_index() == 0 else None
+    try:
+        return _train(config, workdir, allow_config_change, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
+           lock: WorkdirLock | None) -> dict[str, Any]:
     heartbeat.background("setup")  # data build, weights, restore, first step: beats from a thread until stepping
     run = build_run(config)
     training_evals = TrainingEvals(config, run.mesh, run.graphdef)
     checkpointer = Checkpointer(workdir, config.keep_checkpoints, config.best_metric, config.best_mode)
+    opened: list[Any] = [checkpointer]  # closed, last opened first, on every exit path
+    try:
+        summary = _resume_and_loop(config, workdir, allow_config_change, lock, run, training_evals, checkpointer,
+                                   opened)
+        heartbeat.background("close")  # waits for the last asynchronous save
+    except BaseException:
+        # Closed on the error path too (no orbax thread may keep the process alive), without an
+        # error from closing hiding the first one.
+        for item in reversed(opened):
+            try:
+                item.close()
+            except Exception as e:  # noqa: BLE001
+                _log(f"while stopping after an error, closing {type(item).__name__} failed too: {e}")
+        raise
+    for item in reversed(opened):
+        item.close()
+    return summary
+
+
+def _resume_and_loop(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool,
+                     lock: WorkdirLock | None, run: Run, training_evals: TrainingEvals,
+                     checkpointer: Checkpointer, opened: list[Any]) -> dict[str, Any]:
     data_iter = iter(train_data(config, run.model_config.vision.image_size))
     start = checkpointer.latest_step()
     if start is not None:
@@ -83,12 +145,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
         start, state = 0, initial_state(run)
         _log(f"started from {'scratch' if not config.model.init_from else config.model.init_from}")
     writer = MetricWriter(workdir, resume_step=start)
+    opened.append(writer)
     step_fn = train_step_for(run)
-    summary = _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, training_evals)
-    heartbeat.background("close")  # waits for the last asynchronous save
-    writer.close()
-    checkpointer.close()
-    return summary
+    return _loop(run, config, state, start, data_iter, step_fn, checkpointer, writer, training_evals,
+                 on_abort=lock.release if lock is not None else None)
 
 
 def train_step_for(run: Run) -> Any:
@@ -101,9 +161,10 @@ def train_step_for(run: Run) -> Any:
 
 
 def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, data_iter: Any, step_fn: Any,
-          checkpointer: Checkpointer, writer: MetricWriter, training_evals: TrainingEvals) -> dict[str, Any]:
+          checkpointer: Checkpointer, writer: MetricWriter, training_evals: TrainingEvals,
+          on_abort: Any = None) -> dict[str, Any]:
     config_dict = config.to_dict()
-    preemption = _Preemption()
+    preemption = _Preemption(sigint=config.get("preempt_on_sigint", True), on_abort=on_abort)
     step_flops = train_step_flops(run.model_config, config.batch_size)
     flops, peak = step_flops.total / run.mesh.devices.size, peak_flops_per_device(config.peak_tflops_per_device)
     _log(f"model FLOPs per step: {step_flops.total:.3e} (image tower {step_flops.image_tower:.3e}, text tower "
@@ -149,11 +210,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             metrics, new_nonfinite, first = jax.device_get((metrics, nonfinite, first_nonfinite))
             if new_nonfinite:
                 skipped += int(new_nonfinite)
-                msg = f"{int(new_nonfinite)} step(s) with a non-finite loss or gradient, first at step {int(first)}"
+                msg = (f"{int(new_nonfinite)} step(s) with a non-finite loss, gradient or updated parameters, first "
+                       f"at step {int(first)}")
                 if config.nan_policy == "stop":
                     raise NonFiniteLossError(msg + "; stopping (nan_policy='stop'). Lower the learning rate or "
                                              "check the data; the last checkpoint holds finite parameters.")
                 _log(msg + "; their updates were skipped (nan_policy='skip')")
+                _check_skip_limits(config, skipped, step - start)
                 nonfinite, first_nonfinite = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             if log:
@@ -175,13 +238,28 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 if saved_step != step:
                     checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 checkpointer.wait()
-                ended = "preempted"
-                _log(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume")
+                ended = "interrupted" if preemption.signal_name == "SIGINT" else "preempted"
+                _log(f"{preemption.signal_name}: checkpoint saved at step {step}; rerun the same command to resume")
                 break
     finally:
         bar.close()
         preemption.restore()
     return {"step": step, "ended": ended, "metrics": last, "evals": evals, "skipped_steps": skipped}
+
+
+def _check_skip_limits(config: ml_collections.ConfigDict, skipped: int, steps: int) -> None:
+    """Stops a run under nan_policy='skip' that skips too many steps: it is no longer training."""
+    limit, fraction = config.get("max_skipped_steps", 0), config.get("max_skipped_fraction", 0.0)
+    over = None
+    if limit and skipped > limit:
+        over = f"more than max_skipped_steps={limit}"
+    elif fraction and steps >= SKIPPED_FRACTION_MIN_STEPS and skipped > fraction * steps:
+        over = f"more than max_skipped_fraction={fraction:g} of the steps"
+    if over:
+        raise TooManySkippedStepsError(
+            f"{skipped} of {steps} steps skipped for a non-finite loss, gradient or update since this run started, "
+            f"{over}; stopping. Lower the learning rate or check the data (the last checkpoint holds finite "
+            f"parameters), or raise the limit (0 disables it).")
 
 
 def _step_metrics(metrics: dict[str, Any], step: int, steps: int, seconds: float, batch_size: int,

@@ -1,0 +1,144 @@
+"""Faults `rsclip train` survives: a second run on a live workdir, a stale lock, too many NaN steps,
+an update that makes parameters non-finite, Ctrl-C (save, then exit 130; twice: at once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from conftest import REPO
+from test_train_loop import _checkpoint_steps, _cmd, _env
+from rsclip_jax.train.config import ConfigError, default_config, validate
+from rsclip_jax.train.workdir_lock import OWNER_NAME, WorkdirLock, WorkdirLockedError
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_live_lock_refuses_a_second_run_at_once(tmp_path, train_shards):
+    with WorkdirLock(str(tmp_path)):
+        with pytest.raises(WorkdirLockedError):  # the same check in-process: flock is per open file
+            WorkdirLock(str(tmp_path)).acquire()
+        t0 = time.time()
+        proc = subprocess.run(_cmd(tmp_path, train_shards), env=_env(), capture_output=True, text=True,
+                              timeout=120, cwd=REPO)
+        assert proc.returncode == 1
+        assert time.time() - t0 < 60  # refused before building or compiling anything
+        line = proc.stderr.strip().splitlines()[-1]
+        assert "in use by another live run" in line and f"pid {os.getpid()}" in line
+        assert f"host {socket.gethostname()}" in line and "started" in line and "another --workdir" in line
+        assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / OWNER_NAME).exists()  # released
+
+
+def test_stale_lock_taken_over_then_ctrl_c_saves_and_exits_130(tmp_path, train_shards):
+    dead = _dead_pid()
+    (tmp_path / OWNER_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": dead,
+                                                   "started_at": time.time() - 60}))
+    cmd = _cmd(tmp_path, train_shards, "--config.total_steps=100000", "--config.checkpoint_every_steps=100000")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 240
+    while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    owner = json.loads((tmp_path / OWNER_NAME).read_text())
+    assert owner["pid"] == proc.pid and owner["host"] == socket.gethostname()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"taking over the stale lock of {tmp_path} left by host {socket.gethostname()}, pid {dead}" in err
+    summary = json.loads(out)
+    assert summary["ended"] == "interrupted"
+    assert _checkpoint_steps(tmp_path) == [summary["step"]]
+    assert "SIGINT: checkpoint saved at step" in err and "interrupted (Ctrl-C)" in err
+    assert not (tmp_path / OWNER_NAME).exists()  # released on the way out
+    WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+    script = (
+        "import os, signal, time\n"
+        "from rsclip_jax.train.loop import _Preemption\n"
+        "p = _Preemption(sigint=True, on_abort=lambda: print('aborted', flush=True))\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(0.2)\n"
+        "assert p.requested and p.signal_name == 'SIGINT'\n"
+        "os.kill(os.getpid(), signal.SIGINT); time.sleep(30)\n"
+        "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(1), capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 130, proc.stderr
+    assert "aborted" in proc.stdout and "not reached" not in proc.stdout
+    assert "second Ctrl-C" in proc.stderr
+
+
+def test_nan_skip_limit_stops_the_run(tmp_path, train_shards):
+    blowup = ["--config.optim.lr=1e30", "--config.optim.warmup_steps=0", "--config.optim.grad_clip_norm=0",
+              "--config.total_steps=8", "--config.nan_policy=skip", "--config.max_skipped_steps=2"]
+    proc = subprocess.run(_cmd(tmp_path, train_shards, *blowup), env=_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode != 0
+    assert "more than max_skipped_steps=2" in proc.stderr and "steps skipped" in proc.stderr
+    assert '"completed"' not in proc.stdout
+    assert not (tmp_path / OWNER_NAME).exists()  # the lock is released on the error path too
+
+
+@pytest.mark.parametrize("key,value", [("max_skipped_steps", -1), ("max_skipped_fraction", 1.5),
+                                       ("max_skipped_fraction", -0.1)])
+def test_skip_limits_validated(key, value):
+    c = default_config()
+    c[key] = value
+    with pytest.raises(ConfigError, match=key):
+        validate(c)
+
+
+def test_skip_fraction_limit():
+    from rsclip_jax.train.loop import SKIPPED_FRACTION_MIN_STEPS, TooManySkippedStepsError, _check_skip_limits
+
+    c = default_config()
+    c.max_skipped_steps = 0
+    _check_skip_limits(c, 5, SKIPPED_FRACTION_MIN_STEPS - 1)  # too few steps to judge a fraction
+    _check_skip_limits(c, 2, SKIPPED_FRACTION_MIN_STEPS)  # 10%: at the limit, not over it
+    with pytest.raises(TooManySkippedStepsError, match="3 of 20 steps skipped.*max_skipped_fraction=0.1"):
+        _check_skip_limits(c, 3, 20)
+    c.max_skipped_fraction = 0.0
+    _check_skip_limits(c, 1000, 1000)  # 0: no limit
+
+
+def test_update_making_params_nonfinite_is_skipped():
+    """Loss and gradient finite, the update not (an infinite step size): the update is dropped."""
+    from rsclip_jax.models import create_model
+    from rsclip_jax.tokenizer import tokenize
+    from rsclip_jax.train.optim import learning_rate_schedule
+    from rsclip_jax.train.sharding import make_mesh, state_shardings
+    from rsclip_jax.train.step import init_train_state, jit_train_step, make_train_step
+
+    mesh = make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    schedule = learning_rate_schedule(1e-3, 0, 1)
+    tx = optax.chain(optax.sgd(1e-3), optax.scale(jnp.inf))
+    graphdef, abstract = nnx.eval_shape(lambda: init_train_state(create_model("tiny-ViT", seed=0), tx))
+    shardings = state_shardings(abstract, mesh, fsdp_min_size=1024)
+    state = jax.jit(lambda: init_train_state(create_model("tiny-ViT", seed=0), tx)[1], out_shardings=shardings)()
+    before = jax.tree.map(np.asarray, state.params)
+    step = jit_train_step(make_train_step(graphdef, tx, schedule, mesh), shardings, mesh)
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8),
+             "tokens": tokenize([f"{j} trees and buildings" for j in range(8)])}
+    state, metrics = step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert bool(metrics["nonfinite"])
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
