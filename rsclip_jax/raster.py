@@ -311,7 +311,7 @@ def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | N
                               "--bands B04,B03,B02")
         if os.path.isdir(path):
             sources = [_band_file(path, name) for name in bands]
-            date = _date_from_name(os.path.basename(sources[0].path))
+            date = date_from_name(sources[0].path)
         else:
             sources, date = _stac_bands(path, list(bands))
         return Scene(path, sources, scale, date, gamma)
@@ -329,13 +329,19 @@ def open_scene(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | N
     for b in bands:
         if b > count:
             raise RasterError(f"{path}: has {count} band(s); --bands {','.join(map(str, bands))} asks for band {b}")
-    date = _date_from_tags(tags) or _date_from_name(os.path.basename(path))
+    date = _date_from_tags(tags) or date_from_name(path)
     return Scene(path, [BandSource(path, int(b), str(b)) for b in bands], scale, date, gamma)
 
 
-def _band_file(folder: str, name: str) -> BandSource:
+def band_files(folder: str, name: str) -> list[str]:
+    """The raster files of `folder` whose name ends in band `name` (`T33UUU_20170216T102101_B04.jp2`
+    is band B04; any case), sorted."""
     pattern = re.compile(rf"(^|[_\-.]){re.escape(name)}$", re.IGNORECASE)
-    found = sorted(f for f in os.listdir(folder) if is_raster_name(f) and pattern.search(os.path.splitext(f)[0]))
+    return sorted(f for f in os.listdir(folder) if is_raster_name(f) and pattern.search(os.path.splitext(f)[0]))
+
+
+def _band_file(folder: str, name: str) -> BandSource:
+    found = band_files(folder, name)
     if not found:
         raise RasterError(f"{folder}: no band file for {name} (looked for raster files whose name ends in "
                           f"_{name}, e.g. T33UUU_20170216T102101_{name}.jp2)")
@@ -375,18 +381,25 @@ def _stac_bands(path: str, names: list[str]) -> tuple[list[BandSource], str | No
     return sources, date[:10] if isinstance(date, str) else None
 
 
-def _date_from_tags(tags: dict[str, str]) -> str | None:
-    value = tags.get("TIFFTAG_DATETIME") or tags.get("ACQUISITION_DATE") or ""
-    m = re.match(r"(\d{4})[:\-](\d{2})[:\-](\d{2})", value)
+# The one rule for acquisition dates (scenes here, plain images in rsclip_jax.apps.index_inputs).
+_NAME_DATE = re.compile(r"(?<!\d)((?:19|20)\d{2})[-_]?(0[1-9]|1[0-2])[-_]?(0[1-9]|[12]\d|3[01])(?:T\d{4,6})?(?!\d)")
+_STAMP_DATE = re.compile(r"(\d{4})[:\-](\d{2})[:\-](\d{2})")
+
+
+def date_from_stamp(value: object) -> str | None:
+    """The ISO date of a TIFF/EXIF time stamp ("2017:02:16 10:21:01", "2017-02-16..."), or None."""
+    m = _STAMP_DATE.match(str(value or ""))
     return f"{m[1]}-{m[2]}-{m[3]}" if m else None
 
 
-def _date_from_name(name: str) -> str | None:
-    """Sentinel-2/Landsat style dates in a file name (`..._20170216T102101_...`, `..._20170216_...`)."""
-    m = re.search(r"(?<!\d)(19|20)(\d{2})(\d{2})(\d{2})(?:T\d{6})?(?!\d)", name)
-    if not m or not (1 <= int(m[3]) <= 12 and 1 <= int(m[4]) <= 31):
-        return None
-    return f"{m[1]}{m[2]}-{m[3]}-{m[4]}"
+def date_from_name(name: str) -> str | None:
+    """An ISO date in a file name (`..._20170216T102101_...`, `2017-02-16`, `2017_02_16`), or None."""
+    m = _NAME_DATE.search(os.path.basename(name))
+    return f"{m[1]}-{m[2]}-{m[3]}" if m else None
+
+
+def _date_from_tags(tags: dict[str, str]) -> str | None:
+    return date_from_stamp(tags.get("TIFFTAG_DATETIME") or tags.get("ACQUISITION_DATE"))
 
 
 def read_image(path: str | os.PathLike, bands: Sequence[int] | Sequence[str] | None = None,

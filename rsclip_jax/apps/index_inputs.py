@@ -16,7 +16,6 @@ few valid pixels (nodata, masks) are skipped and counted before anything is embe
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,18 @@ from rasterio.windows import Window
 
 from rsclip_jax.apps.index_store import Record
 from rsclip_jax.preprocess import ImageReadError, is_image_name, load_image
-from rsclip_jax.raster import RasterError, Scene, is_raster_name, open_scene, tile_windows
+from rsclip_jax.raster import (
+    RasterError,
+    Scene,
+    band_files,
+    date_from_name,
+    date_from_stamp,
+    is_raster_name,
+    open_scene,
+    tile_windows,
+)
 
 WHOLE_MAX_SIDE = 2048  # a whole raster item is read decimated to at most this many pixels a side
-_DATE = re.compile(r"(?<!\d)((?:19|20)\d{2})[-_]?(0[1-9]|1[0-2])[-_]?(0[1-9]|[12]\d|3[01])(?:T\d{4,6})?(?!\d)")
-
-
 @dataclass(frozen=True)
 class Options:
     """How inputs become items (recorded in each shard's manifest entry)."""
@@ -77,8 +82,7 @@ def is_band_folder(folder: str, bands: Sequence[int] | Sequence[str] | None) -> 
     """A folder holding a raster file for each named band (`..._B04.jp2`)."""
     if not bands or isinstance(bands[0], int):
         return False
-    names = [os.path.splitext(f)[0] for f in os.listdir(folder) if is_raster_name(f)]
-    return all(any(re.search(rf"(^|[_\-.]){re.escape(b)}$", n, re.IGNORECASE) for n in names) for b in bands)
+    return all(band_files(folder, b) for b in bands)
 
 
 def collect(inputs: Sequence[str | os.PathLike], options: Options) -> tuple[list[str], int]:
@@ -139,12 +143,6 @@ def file_identity(path: str) -> tuple[int | None, int | None]:
         return None, None
 
 
-def date_from_name(name: str) -> str | None:
-    """An ISO date in a file name (20170216, 2017-02-16, 2017_02_16), or None."""
-    m = _DATE.search(os.path.basename(name))
-    return f"{m[1]}-{m[2]}-{m[3]}" if m else None
-
-
 def image_date(path: str) -> str | None:
     """Acquisition date of a plain image: EXIF DateTimeOriginal / TIFF DateTime, else the file name."""
     try:
@@ -154,8 +152,7 @@ def image_date(path: str) -> str | None:
                      or exif.get(ExifTags.Base.DateTime))
     except (OSError, ValueError, SyntaxError):
         value = None
-    m = re.match(r"(\d{4})[:\-](\d{2})[:\-](\d{2})", str(value or ""))
-    return f"{m[1]}-{m[2]}-{m[3]}" if m else date_from_name(path)
+    return date_from_stamp(value) or date_from_name(path)
 
 
 def scene_items(path: str, options: Options) -> tuple[Scene, list[Item]]:
