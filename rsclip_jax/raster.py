@@ -130,6 +130,12 @@ class Stretch:
         return np.rint(unit ** np.float32(1.0 / self.gamma) * 255).astype(np.uint8)
 
 
+def fit_within(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(height, width) of a decimated read whose longest side is at most `max_side` (never enlarged)."""
+    f = min(1.0, max_side / max(width, height))
+    return max(1, round(height * f)), max(1, round(width * f))
+
+
 def tile_windows(width: int, height: int, tile: int, stride: int) -> list[Window]:
     """Square tiles of `tile` pixels every `stride` pixels, row by row, covering every pixel: the
     last tile of a row or column is moved back to end at the scene's edge.
@@ -235,8 +241,7 @@ class Scene:
             return Stretch((scale[0],) * n, (scale[1],) * n, f"fixed {scale[0]:g},{scale[1]:g}")
         if all(np.dtype(d) == np.uint8 for d in self.dtypes):
             return Stretch(None, None, "none (8-bit)")
-        f = min(1.0, OVERVIEW_SIZE / max(self.width, self.height))
-        shape = (max(1, round(self.height * f)), max(1, round(self.width * f)))
+        shape = fit_within(self.width, self.height, OVERVIEW_SIZE)
         bands, valid = self._read(Window(0, 0, self.width, self.height), shape, Resampling.nearest)
         los, his = [], []
         for b in bands:

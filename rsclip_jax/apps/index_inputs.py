@@ -31,6 +31,7 @@ from rsclip_jax.raster import (
     band_files,
     date_from_name,
     date_from_stamp,
+    fit_within,
     is_raster_name,
     open_scene,
     tile_windows,
@@ -183,8 +184,7 @@ def read_item(item: Item) -> tuple[Image.Image, float]:
     assert scene is not None
     try:
         if item.window is None:
-            f = min(1.0, WHOLE_MAX_SIDE / max(scene.width, scene.height))
-            size = (max(1, round(scene.height * f)), max(1, round(scene.width * f)))
+            size = fit_within(scene.width, scene.height, WHOLE_MAX_SIDE)
             rgb, valid = scene.read_rgb(Window(0, 0, scene.width, scene.height), out_size=size)
         else:
             rgb, valid = scene.read_rgb(item.window)

@@ -23,6 +23,8 @@ from PIL import Image, ImageDraw
 from rasterio.enums import Resampling
 from scipy import ndimage
 
+from rsclip_jax.raster import fit_within
+
 # Qualitative colours (ColorBrewer Set1 + Dark2), distinct on a map; more classes cycle hues.
 _COLOURS = [(228, 26, 28), (55, 126, 184), (77, 175, 74), (152, 78, 163), (255, 127, 0), (255, 255, 51),
             (166, 86, 40), (247, 129, 191), (153, 153, 153), (27, 158, 119), (217, 95, 2), (117, 112, 179),
@@ -112,8 +114,7 @@ def write_polygons(collector: PolygonCollector, path: str, crs: rasterio.crs.CRS
 def write_preview(class_map: str, labels: Sequence[str], path: str) -> None:
     """A quick-look PNG of the class map (at most `PREVIEW_SIZE` px a side) with a legend beside it."""
     with rasterio.open(class_map) as ds:
-        f = min(1.0, PREVIEW_SIZE / max(ds.width, ds.height))
-        shape = (max(1, round(ds.height * f)), max(1, round(ds.width * f)))
+        shape = fit_within(ds.width, ds.height, PREVIEW_SIZE)
         values = ds.read(1, out_shape=shape, resampling=Resampling.nearest)
     lut = np.zeros((256, 3), np.uint8)
     lut[:] = (255, 255, 255)  # no data: white
