@@ -14,7 +14,7 @@ from conftest import SAMPLES
 from PIL import Image
 
 from rsclip_jax.cli import main
-from rsclip_jax.data import build as build_mod
+from rsclip_jax.data import build_inputs
 from rsclip_jax.data import shards
 from rsclip_jax.data.annotations import CaptionedImage
 from rsclip_jax.data.readers import captions as captions_mod
@@ -121,7 +121,7 @@ def test_bad_separator_names_the_flag(value):
 
 
 def test_build_and_caption_share_one_detection():
-    assert build_mod.detect_delimiter is captions_mod.detect_delimiter
+    assert build_inputs.detect_delimiter is captions_mod.detect_delimiter
 
 
 @pytest.mark.parametrize("flag", [[], ["--csv-separator", "\\t"], ["--csv-separator", "tab"]])

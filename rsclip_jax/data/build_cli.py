@@ -9,6 +9,8 @@ import sys
 from PIL import Image
 
 from rsclip_jax.data.build import BuildConfig, build
+from rsclip_jax.data.build_merge import merge
+from rsclip_jax.data.tasks import add_task_args, resolve_task
 
 
 def register(data_sub: argparse._SubParsersAction) -> None:
@@ -18,7 +20,8 @@ def register(data_sub: argparse._SubParsersAction) -> None:
         help="caption CSVs -> ArrayRecord training shards + manifest.json",
         description="Build ArrayRecord shards (one record per image, with all its captions) from OpenCLIP-style "
         "caption CSVs. Every input image is either written or listed under 'skipped' in DIR/manifest.json "
-        "with its reason. Rerunning with the same options resumes: finished shards are kept.",
+        "with its reason. Rerunning with the same options resumes: finished shards are kept. Split over hosts: "
+        "run every --task-index of --task-count N (same options, same --out), then once more with --merge.",
     )
     p.add_argument("--csv", action="append", required=True, metavar="CSV",
                    help="caption CSV with header filepath,title (one row per caption; relative paths are relative "
@@ -63,11 +66,28 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="finish with an empty build when every image is skipped or removed (by default that is an "
                    "error naming the reasons, and nothing is written)")
+    add_task_args(p)
+    p.add_argument("--merge", action="store_true",
+                   help="after all --task-count N tasks finished: check their parts and write the one manifest.json "
+                   "(give the same options as the tasks, and no --task-index)")
     p.set_defaults(func=run)
 
 
+def _task(args: argparse.Namespace) -> tuple[int, int]:
+    """(index, count) of this run; a merge is no task of its own and takes only the count."""
+    if not args.merge:
+        return resolve_task(args.task_index, args.task_count)
+    if args.task_index is not None:
+        raise ValueError("--merge combines every task's share; leave out --task-index")
+    if args.task_count is None:
+        raise ValueError("--merge needs --task-count N, the number of tasks the build was split into")
+    return 0, resolve_task(0, args.task_count)[1]
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the build; 0 when it finished, 1 when too many inputs were unusable."""
+    """Runs the build (or one task's share, or the merge); 0 when it finished, 1 when too many inputs
+    were unusable."""
+    task_index, task_count = _task(args)
     config = BuildConfig(
         csvs=tuple(args.csv), out_dir=args.out, sources=tuple(args.source), images_roots=tuple(args.images_root),
         dedup=args.dedup,
@@ -77,17 +97,24 @@ def run(args: argparse.Namespace) -> int:
         max_skipped_fraction=args.max_skipped_fraction, image_size=args.image_size,
         reencode_format=args.reencode_format, jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
         csv_separator=args.csv_separator, image_column=args.csv_img_key, caption_column=args.csv_caption_key,
-        allow_empty=args.allow_empty,
+        allow_empty=args.allow_empty, task_index=task_index, task_count=task_count,
     )
-    report = build(config, log=lambda msg: print(msg, file=sys.stderr))
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    report = merge(config, log) if args.merge else build(config, log)
     m = report.manifest
-    print(f"wrote {m['written']} of {m['inputs']} images to {len(m['shards'])} shard(s) in {args.out}; "
+    what = (f"task {task_index} of {task_count}: " if task_count > 1 and not args.merge else "")
+    inputs = m.get("share_inputs", m["inputs"])
+    print(f"{what}wrote {m['written']} of {inputs} images to {len(m['shards'])} shard(s) in {args.out}; "
           f"skipped {m['skipped_count']} (see {report.manifest_path})")
     for reason, n in sorted(m["skip_reasons"].items()):
         print(f"  {n:6d}  {reason}")
     for key in ("exclude", "dedup"):
         if key in m:
             print(f"{key}: removed {m[key]['removed']} image(s)")
+    if what and config.dedup:
+        print("dedup: near-duplicates across all tasks are removed by the --merge run")
+    if what:
+        print(f"when all {task_count} tasks have finished: the same command with --merge (and no --task-index)")
     if not report.ok:
         print(f"rsclip data build: error: {report.failed_fraction:.1%} of the inputs could not be used, more than "
               f"--max-skipped-fraction {config.max_skipped_fraction:.1%}", file=sys.stderr)
