@@ -17,6 +17,8 @@ from rsclip_jax.cli.common import (
     positive_int,
     read_text_lines,
 )
+from rsclip_jax.data.tasks import add_task_args, resolve_task
+from rsclip_jax.evaluate import embed_tasks
 from rsclip_jax.evaluate.embeddings import Extractor, FileReader, ImageReader, RasterFileReader
 from rsclip_jax.fileio import atomic_write_json, atomic_write_npz
 from rsclip_jax.preprocess import expand_image_paths
@@ -34,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output .npz file ('.npz' is appended when the name lacks it; missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
     add_raster_args(p)
+    add_task_args(p)
+    p.add_argument("--merge", action="store_true",
+                   help="after all --task-count N tasks finished: join their part files (OUT.task-I-of-N.npz) into "
+                   "--out, as one run writes it (give the same --images/--texts/--out, no --task-index; "
+                   "no model is loaded)")
     p.set_defaults(func=run_embed)
 
     p = sub.add_parser("classify", help="zero-shot classify images with remote-sensing prompt templates")
@@ -70,25 +77,59 @@ def npz_path(out: str) -> str:
     return out if out.lower().endswith(".npz") else out + ".npz"
 
 
+def _task(args: argparse.Namespace) -> tuple[int, int]:
+    """(index, count) of this run; a merge takes only the count."""
+    if not args.merge:
+        return resolve_task(args.task_index, args.task_count)
+    if args.task_index is not None:
+        raise ValueError("--merge joins every task's part; leave out --task-index")
+    if args.task_count is None:
+        raise ValueError("--merge needs --task-count N, the number of tasks the work was split into")
+    return 0, resolve_task(0, args.task_count)[1]
+
+
 def run_embed(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("give --images, --texts or both")
     out_path = check_output_path(npz_path(args.out), "--out")
+    task_index, task_count = _task(args)
     paths, reader = image_inputs(args) if args.images else ([], FileReader())
     texts = read_text_lines(args.texts) if args.texts else []
+    digest = embed_tasks.inputs_digest(paths, texts, [args.bands, args.scale, args.gamma])
+    if args.merge:
+        out = embed_tasks.merge_parts(out_path, task_count, digest, (len(paths), len(texts)))
+        atomic_write_npz(out_path, out)
+        print(f"wrote {out_path}: {len(out.get('image_paths', []))} images, {len(out.get('texts', []))} texts "
+              f"from {task_count} tasks", file=sys.stderr)
+        return 0
+    image_share, text_share = embed_tasks.shares(len(paths), len(texts), task_index, task_count)
     model, tokenizer = load_model_from_args(args)
     extractor = Extractor(model, batch_size=args.batch_size, tokenizer=tokenizer)
     out: dict[str, np.ndarray] = {}
     if args.images:
-        images = extractor.images(paths, skip_missing=args.skip_bad, reader=reader)
-        kept = [paths[i] for i in images.kept]
+        share = paths[image_share.start : image_share.stop]
+        images = extractor.images(share, skip_missing=args.skip_bad, reader=reader)
+        kept = [share[i] for i in images.kept]
         out.update(image_embeddings=images.embeddings, image_paths=np.array(kept, dtype=str),
                    skipped_images=np.array(images.skipped, dtype=str))
+        if task_count > 1:  # where each row goes in the merged file
+            dropped = np.setdiff1d(np.arange(len(share)), images.kept)
+            out.update(image_positions=image_share.start + np.asarray(images.kept, np.int64),
+                       skipped_positions=image_share.start + dropped.astype(np.int64))
         print(f"embedded {len(kept)} images" + (f", skipped {len(images.skipped)}" if images.skipped else ""),
               file=sys.stderr)
     if args.texts:
-        out.update(text_embeddings=extractor.texts(texts), texts=np.array(texts, dtype=str))
-        print(f"embedded {len(texts)} texts", file=sys.stderr)
+        share = texts[text_share.start : text_share.stop]
+        out.update(text_embeddings=extractor.texts(share), texts=np.array(share, dtype=str))
+        if task_count > 1:
+            out.update(text_positions=np.arange(text_share.start, text_share.stop, dtype=np.int64))
+        print(f"embedded {len(share)} texts", file=sys.stderr)
+    if task_count > 1:
+        part = embed_tasks.write_part(out_path, task_index, task_count, digest, extractor.fingerprint,
+                                      (len(paths), len(texts)), out)
+        print(f"task {task_index} of {task_count}: wrote {part}; when all tasks have finished, run the same "
+              "command with --merge (and no --task-index)", file=sys.stderr)
+        return 0
     atomic_write_npz(out_path, out)
     print(f"wrote {out_path}", file=sys.stderr)
     return 0
