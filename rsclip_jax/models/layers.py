@@ -15,8 +15,10 @@ per layer, and measured 2x faster on CPU than a Python loop (see docs/performanc
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -43,6 +45,32 @@ REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
     "dots_with_no_batch_dims_saveable": _policies.save_from_both_policies(
         _policies.dots_with_no_batch_dims_saveable, _policies.save_only_these_names(MM_NAME, MLP_ACTIVATION_NAME)),
 }
+
+
+# How activations are laid out across devices: set by the training step while it traces the model
+# (`batch_sharded_activations`); None (the default, e.g. inference on one device) leaves it to XLA.
+_ACTIVATION_SHARDING: contextvars.ContextVar[Any] = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def batch_sharded_activations(sharding: Any) -> Iterator[None]:
+    """Within this context, the transformer keeps its activations (B, ...) laid out as `sharding`.
+
+    Why: without it, XLA's SPMD partitioner may follow the parameters' FSDP sharding (e.g. a kernel's
+    `embed` dimension) into the residual stream, replicate the batch and all-reduce whole activations
+    in every layer, instead of all-gathering each layer's parameters (docs/performance.md, scaling).
+    """
+    token = _ACTIVATION_SHARDING.set(sharding)
+    try:
+        yield
+    finally:
+        _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain_activation(x: Array) -> Array:
+    """`x` with the activation sharding of `batch_sharded_activations`, if one is set."""
+    sharding = _ACTIVATION_SHARDING.get()
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 def param(
@@ -209,18 +237,19 @@ class Transformer(nnx.Module):
     def _block(self, x: Array, p: dict[str, Array]) -> Array:
         """One residual attention block on x (B, T, d) with unstacked parameters p."""
         dt, act = self.dtype, activation(self.quick_gelu)
+        x = constrain_activation(x)
         h = layer_norm(x, p["ln_1_scale"], p["ln_1_bias"])
         qkv = mm(h, p["qkv_kernel"], dt, "btd,dshk->sbthk") + p["qkv_bias"][:, None, None]
         q, k, v = (t.astype(dt) for t in qkv)
         # The XLA path computes logits and softmax in float32 and is exact enough for parity tests;
         # cuDNN's flash attention (bfloat16 on GPU) never materialises the (T, T) scores.
         attn = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.attention)
-        x = x + mm(attn, p["out_kernel"], dt, "bthk,hkd->btd") + p["out_bias"]
+        x = constrain_activation(x + mm(attn, p["out_kernel"], dt, "bthk,hkd->btd") + p["out_bias"])
         h = layer_norm(x, p["ln_2_scale"], p["ln_2_bias"])
         # named so the dot policies keep it: recomputing it in the backward fuses the activation
         # into the transposed copy the weight gradient needs, a slow pass on CPU (see docs/performance.md)
         h = checkpoint_name(act(mm(h, p["fc_kernel"], dt, "btd,dm->btm") + p["fc_bias"]), MLP_ACTIVATION_NAME)
-        return x + mm(h, p["proj_kernel"], dt, "btm,md->btd") + p["proj_bias"]
+        return constrain_activation(x + mm(h, p["proj_kernel"], dt, "btm,md->btd") + p["proj_bias"])
 
     def __call__(self, x: Array) -> Array:
         stacked = {name: v[...] for name, v in vars(self).items() if isinstance(v, nnx.Param)}

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
+from rsclip_jax.models.layers import batch_sharded_activations
 from rsclip_jax.preprocess import normalize_images
 from rsclip_jax.losses import clip_loss, siglip_loss
 
@@ -87,8 +88,9 @@ def make_train_step(
 
     def embed(params: nnx.State, rest: nnx.State, images: jax.Array, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
         model = nnx.merge(graphdef, params, rest)
-        img = model.encode_image(normalize_images(images), normalize=True)
-        txt = model.encode_text(tokens, normalize=True)
+        with batch_sharded_activations(rows):  # FSDP gathers parameters, never activations
+            img = model.encode_image(normalize_images(images), normalize=True)
+            txt = model.encode_text(tokens, normalize=True)
         return jax.lax.with_sharding_constraint(img, rows), jax.lax.with_sharding_constraint(txt, rows)
 
     def contrastive(img: jax.Array, txt: jax.Array, params: nnx.State) -> jax.Array:
