@@ -9,6 +9,7 @@ rules.
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
 
 
@@ -37,3 +38,19 @@ fraction = number_in(float, 0.0, 1.0, what="a fraction from 0 to 1")
 seconds = number_in(float, 0.0, what="0 or more seconds")
 port_number = number_in(int, 0, 65535, what="a port number 0..65535 (0: any free port)")
 positive_megabytes = number_in(float, 0.0, what="a size in MB above 0", above_low=True)
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: a memory size above 0 such as `16GiB`, `80GB`, `1.5TiB` or `17179869184` (bytes).
+
+    GB/G are powers of 1000 and GiB powers of 1024, as device vendors print them.
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _BYTE_UNITS or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size above 0 such as 16GiB, 80GB or 17179869184 (bytes), "
+                                         f"got {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])

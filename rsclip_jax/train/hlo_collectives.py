@@ -1,0 +1,142 @@
+"""The collectives of a compiled (SPMD-partitioned) XLA module, from its HLO text, per device per step.
+
+`compiled.as_text()` is the program one device runs. Each collective is counted with the bytes of
+its payload on that device: the result of an all-gather, all-reduce, all-to-all or
+collective-permute, and the operand of a reduce-scatter (its result times the group size), since
+compiled HLO names operands without their shapes. What goes over the wire depends on the algorithm:
+a ring moves (n-1)/n of that for an all-gather or reduce-scatter and 2(n-1)/n for an all-reduce.
+
+Counting rules, each a way an earlier count went wrong:
+* a collective inside a `while` body (a scan over layers, gradient accumulation) runs once per
+  trip: it is multiplied by the trip count XLA records on the loop (`known_trip_count`), through
+  nested loops; a loop without one is counted once and reported in `unknown_trip_counts`;
+* an asynchronous pair (`all-gather-start` / `all-gather-done`) is one collective: only the
+  `-done`, whose result is the payload, is counted (a `-start`'s tuple also holds the operand);
+* a `conditional` runs one branch: the branch with the most bytes is counted, not their sum;
+* a combined collective (a tuple of arrays) counts each array.
+
+Every payload is also classified by shape: `parameters` when its element count is that of a
+parameter (whole, or one layer of a stacked one), `embeddings` when it is (batch, embed_dim)-sized
+(the loss gathering every device's embeddings), else `activations/other`. This is a heuristic (a
+shape can coincide), good enough to tell FSDP's parameter gathers from activations moving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8,
+                "s64": 8, "u64": 8, "s16": 2, "u16": 2, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_OP = re.compile(r"=\s*(.*?)\s([a-z][a-z\-]*)\(")
+
+
+@dataclasses.dataclass
+class Collectives:
+    """Per-device payload bytes of one execution of a module's entry computation."""
+
+    by_kind: Counter  # kind -> bytes
+    by_class: Counter  # (kind, class) -> bytes, class in parameters | embeddings | activations/other
+    count: Counter  # kind -> number of executions
+    unknown_trip_counts: int  # while loops counted once because XLA recorded no trip count
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_kind.values())
+
+
+def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in an HLO type string, e.g. `(f32[8,16]{1,0}, bf16[4])`."""
+    return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(type_text)
+            if dt in _DTYPE_BYTES]
+
+
+def group_size(line: str) -> int:
+    """Devices per replica group of a collective, in any of the three notations XLA prints.
+
+    `replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}` (the product over the named axes),
+    `replica_groups=[2,4]<=[8]` (iota: 2 groups of 4) or `replica_groups={{0,1,2,3},{4,5,6,7}}`.
+    """
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
+    if mesh:
+        sizes = {name: int(size) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))}
+        return math.prod(sizes.get(name, 1) for name in re.findall(r"'([^']+)'", mesh.group(2)))
+    iota = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+    if iota:
+        return int(iota.group(1))
+    explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    return len(explicit.group(1).split(",")) if explicit else 1
+
+
+def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
+    computations: dict[str, list[str]] = {}
+    name = entry = None
+    for line in hlo.splitlines():
+        header = _HEADER.match(line)
+        if header and not line.startswith(" "):
+            name = header.group(2)
+            computations[name] = []
+            if header.group(1):
+                entry = name
+        elif name is not None and line.strip() and line.strip() != "}":
+            computations[name].append(line)
+    return computations, entry
+
+
+def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: Iterable[int] = ()) -> Collectives:
+    """Counts the collectives of one step; sizes (element counts) classify payloads (module docstring)."""
+    params, embeddings = set(parameter_sizes), set(embedding_sizes)
+    computations, entry = _computations(hlo)
+    unknown = [0]
+
+    def classify(dims: tuple[int, ...]) -> str:
+        n = math.prod(dims)
+        return "parameters" if n in params else "embeddings" if n in embeddings else "activations/other"
+
+    def count(comp: str, seen: tuple[str, ...]) -> Counter:
+        out: Counter = Counter()  # keys: (kind, class) for bytes, ("#", kind) for executions
+        for line in computations.get(comp, []):
+            op = _OP.search(line)
+            if not op:
+                continue
+            result_type, kind = op.group(1), op.group(2)
+            base = kind.removesuffix("-start").removesuffix("-done")
+            if base in KINDS and not kind.endswith("-start"):
+                scale = group_size(line) if base == "reduce-scatter" else 1
+                for dtype, dims in arrays(result_type):
+                    full = dims if scale == 1 else (dims[0] * scale, *dims[1:]) if dims else dims
+                    out[(base, classify(full))] += math.prod(full) * _DTYPE_BYTES[dtype]
+                out[("#", base)] += 1
+            if kind == "while":
+                body = re.search(r"body=%?([\w.\-]+)", line)
+                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                if not trips:
+                    unknown[0] += 1
+                if body and body.group(1) not in seen:
+                    inner = count(body.group(1), seen + (body.group(1),))
+                    out.update({k: v * (int(trips.group(1)) if trips else 1) for k, v in inner.items()})
+            elif kind == "conditional":
+                branches = re.search(r"branch_computations=\{([^}]*)\}", line)
+                names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else re.findall(
+                    r"(?:true|false)_computation=%?([\w.\-]+)", line)
+                counted = [count(b, seen + (b,)) for b in names if b not in seen]
+                if counted:  # one branch runs: the costliest
+                    out.update(max(counted, key=lambda c: sum(v for k, v in c.items() if k[0] != "#")))
+            elif kind in ("call", "async-start", "fusion"):
+                for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
+                    if called not in seen:
+                        out.update(count(called, seen + (called,)))
+        return out
+
+    raw = count(entry, (entry,)) if entry else Counter()
+    by_class = Counter({k: v for k, v in raw.items() if k[0] != "#"})
+    by_kind: Counter = Counter()
+    for (kind, _), v in by_class.items():
+        by_kind[kind] += v
+    return Collectives(by_kind, by_class, Counter({k[1]: v for k, v in raw.items() if k[0] == "#"}), unknown[0])
