@@ -43,7 +43,3 @@ def get_config(arg: str = "ViT-B-32"):
         c.mesh.shape = (1, -1, 1)  # FSDP: shard parameters and Adam state over the devices
     return c
 
-
-def get_sweep():
-    """Overrides for a learning-rate sweep: run each as its own workdir (see docs/training.md)."""
-    return [{"optim.lr": lr} for lr in (1e-5, 3e-5, 1e-4)]

@@ -13,12 +13,14 @@ from rsclip_jax.cli import index as index_cli
 from rsclip_jax.cli import launch as launch_cli
 from rsclip_jax.cli import mapping as map_cli
 from rsclip_jax.cli import serve as serve_cli
+from rsclip_jax.cli import sweep as sweep_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsclip", description="RemoteCLIP in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (embed, checkpoints, data, train, eval_cli, demo, map_cli, index_cli, serve_cli, launch_cli):
+    for module in (embed, checkpoints, data, train, eval_cli, demo, map_cli, index_cli, serve_cli, launch_cli,
+                   sweep_cli):
         module.register(sub)
     return parser
 
