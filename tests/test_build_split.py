@@ -144,7 +144,7 @@ def test_rerunning_a_finished_task_writes_nothing(inputs, tmp_path, capsys):
     (["--task-index", "0"], "--task-index needs --task-count too"),
     (["--task-count", "0", "--task-index", "0"], "--task-count 0: must be 1 or more"),
     (["--merge"], "--merge needs --task-count N"),
-    (["--merge", "--task-count", "2", "--task-index", "1"], "--merge combines every task's share"),
+    (["--merge", "--task-count", "2", "--task-index", "1"], "--merge combines the work of every task"),
 ])
 def test_bad_task_flags_are_one_line_naming_the_flag(inputs, tmp_path, capsys, flags, message):
     argv = ["data", "build", "--csv", inputs.csvs[0], "--out", str(tmp_path / "out"), *flags]

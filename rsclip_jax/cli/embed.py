@@ -17,7 +17,7 @@ from rsclip_jax.cli.common import (
     positive_int,
     read_text_lines,
 )
-from rsclip_jax.data.tasks import add_task_args, resolve_task
+from rsclip_jax.data.tasks import add_task_args, resolve_run
 from rsclip_jax.evaluate import embed_tasks
 from rsclip_jax.evaluate.embeddings import Extractor, FileReader, ImageReader, RasterFileReader
 from rsclip_jax.fileio import atomic_write_json, atomic_write_npz
@@ -36,11 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output .npz file ('.npz' is appended when the name lacks it; missing folders are created)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images with a warning instead of failing")
     add_raster_args(p)
-    add_task_args(p)
-    p.add_argument("--merge", action="store_true",
-                   help="after all --task-count N tasks finished: join their part files (OUT.task-I-of-N.npz) into "
-                   "--out, as one run writes it (give the same --images/--texts/--out, no --task-index; "
-                   "no model is loaded)")
+    add_task_args(p, "join their part files (OUT.task-I-of-N.npz) into --out, as one run writes it (give the "
+                  "same --images/--texts/--out, no --task-index; no model is loaded)")
     p.set_defaults(func=run_embed)
 
     p = sub.add_parser("classify", help="zero-shot classify images with remote-sensing prompt templates")
@@ -77,22 +74,11 @@ def npz_path(out: str) -> str:
     return out if out.lower().endswith(".npz") else out + ".npz"
 
 
-def _task(args: argparse.Namespace) -> tuple[int, int]:
-    """(index, count) of this run; a merge takes only the count."""
-    if not args.merge:
-        return resolve_task(args.task_index, args.task_count)
-    if args.task_index is not None:
-        raise ValueError("--merge joins every task's part; leave out --task-index")
-    if args.task_count is None:
-        raise ValueError("--merge needs --task-count N, the number of tasks the work was split into")
-    return 0, resolve_task(0, args.task_count)[1]
-
-
 def run_embed(args: argparse.Namespace) -> int:
     if not args.images and not args.texts:
         raise ValueError("give --images, --texts or both")
     out_path = check_output_path(npz_path(args.out), "--out")
-    task_index, task_count = _task(args)
+    task_index, task_count = resolve_run(args.task_index, args.task_count, args.merge)
     paths, reader = image_inputs(args) if args.images else ([], FileReader())
     texts = read_text_lines(args.texts) if args.texts else []
     digest = embed_tasks.inputs_digest(paths, texts, [args.bands, args.scale, args.gamma])

@@ -10,7 +10,7 @@ from PIL import Image
 
 from rsclip_jax.data.build import BuildConfig, build
 from rsclip_jax.data.build_merge import merge
-from rsclip_jax.data.tasks import add_task_args, resolve_task
+from rsclip_jax.data.tasks import add_task_args, resolve_run
 
 
 def register(data_sub: argparse._SubParsersAction) -> None:
@@ -66,28 +66,15 @@ def register(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-empty", action="store_true",
                    help="finish with an empty build when every image is skipped or removed (by default that is an "
                    "error naming the reasons, and nothing is written)")
-    add_task_args(p)
-    p.add_argument("--merge", action="store_true",
-                   help="after all --task-count N tasks finished: check their parts and write the one manifest.json "
-                   "(give the same options as the tasks, and no --task-index)")
+    add_task_args(p, "check their parts and write the one manifest.json (give the same options as the tasks, "
+                  "and no --task-index)")
     p.set_defaults(func=run)
-
-
-def _task(args: argparse.Namespace) -> tuple[int, int]:
-    """(index, count) of this run; a merge is no task of its own and takes only the count."""
-    if not args.merge:
-        return resolve_task(args.task_index, args.task_count)
-    if args.task_index is not None:
-        raise ValueError("--merge combines every task's share; leave out --task-index")
-    if args.task_count is None:
-        raise ValueError("--merge needs --task-count N, the number of tasks the build was split into")
-    return 0, resolve_task(0, args.task_count)[1]
 
 
 def run(args: argparse.Namespace) -> int:
     """Runs the build (or one task's share, or the merge); 0 when it finished, 1 when too many inputs
     were unusable."""
-    task_index, task_count = _task(args)
+    task_index, task_count = resolve_run(args.task_index, args.task_count, args.merge)
     config = BuildConfig(
         csvs=tuple(args.csv), out_dir=args.out, sources=tuple(args.source), images_roots=tuple(args.images_root),
         dedup=args.dedup,

@@ -20,10 +20,11 @@ TASK_FLAGS_HELP = ("split the work into N disjoint shares (by input position) an
                    "'auto' reads SLURM_ARRAY_TASK_ID/_MIN/_COUNT or SLURM_PROCID/SLURM_NTASKS")
 
 
-def add_task_args(p: argparse.ArgumentParser) -> None:
-    """Adds --task-index and --task-count (strings: numbers or 'auto'; checked by `resolve_task`)."""
+def add_task_args(p: argparse.ArgumentParser, merge_help: str) -> None:
+    """Adds --task-index and --task-count (numbers or 'auto', checked by `resolve_run`) and --merge."""
     p.add_argument("--task-index", default=None, metavar="I|auto", help=TASK_FLAGS_HELP + " (default 0)")
     p.add_argument("--task-count", default=None, metavar="N|auto", help="how many tasks share the work (default 1)")
+    p.add_argument("--merge", action="store_true", help="after all --task-count N tasks finished: " + merge_help)
 
 
 def _slurm_task(environ: Mapping[str, str]) -> tuple[int, int]:
@@ -78,6 +79,23 @@ def resolve_task(index: str | int | None, count: str | int | None,
     if not 0 <= i < n:
         raise ValueError(f"--task-index {i}: must be from 0 to {n - 1} for --task-count {n} (tasks count from 0)")
     return i, n
+
+
+def resolve_run(index: str | int | None, count: str | int | None, merge: bool,
+                environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(I, N) of a run of a command with --task-index/--task-count/--merge: a task's own, or for
+    `--merge`, which combines all N tasks' work, (0, N).
+
+    Raises:
+        ValueError: as `resolve_task`; for --merge without --task-count or with --task-index.
+    """
+    if not merge:
+        return resolve_task(index, count, environ)
+    if index is not None:
+        raise ValueError("--merge combines the work of every task; leave out --task-index")
+    if count is None:
+        raise ValueError("--merge needs --task-count N, the number of tasks the work was split into")
+    return 0, resolve_task(0, count, environ)[1]
 
 
 def task_share(total: int, index: int, count: int) -> range:
