@@ -13,15 +13,17 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
 import pytest
 
 from conftest import REPO
-from test_train_loop import _cmd, _env, _losses
+from test_train_loop import _checkpoint_steps, _cmd, _env, _losses
 
 from rsclip_jax.cli import main
+from rsclip_jax.launch.supervisor import Process, Supervisor
 from rsclip_jax.train import distributed, heartbeat
 
 FIXTURES = REPO / "tests" / "fixtures" / "launch"
@@ -81,22 +83,40 @@ def test_local_launch_matches_single_process(train_shards, tmp_path):
     assert "--process-id 1" in (logs / "process_1.log").read_text()  # every process's log is kept
 
 
-def _start_long_job(workdir, shards, *flags):
-    """A 2-process job that runs for hours unless stopped; returns it once it has trained a step."""
+def _start_long_job(workdir, shards, *flags, overrides=(), ready=None):
+    """A 2-process job that runs for hours unless stopped; returns it once `ready()` (default: it has
+    trained a step)."""
+    ready = ready or (lambda: (workdir / "metrics.jsonl").exists())
     err = open(workdir.parent / f"{workdir.name}.launcher.err", "w+")
     proc = subprocess.Popen(_launch_cmd(workdir, shards, "--kill-grace", "5", *flags,
                                         overrides=["--config.total_steps=100000",
-                                                   "--config.checkpoint_every_steps=100000"]),
+                                                   "--config.checkpoint_every_steps=100000", *overrides]),
                             env=_launch_env(), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
     deadline = time.time() + 240
-    while not (workdir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+    while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert proc.poll() is None, "the job ended before it trained a step"
-    assert (workdir / "metrics.jsonl").exists(), "no step after 240 s"
+    assert proc.poll() is None, "the job ended before it was ready"
+    assert ready(), "not ready after 240 s"
     workers = {int(c.cmdline()[c.cmdline().index("--process-id") + 1]): c
                for c in psutil.Process(proc.pid).children() if "--process-id" in c.cmdline()}
     assert sorted(workers) == [0, 1]
     return proc, err, workers
+
+
+def _all_stepping(workdir):
+    """Whether both processes of the job in `workdir` are past their first step (heartbeat phase
+    "train"; nothing else shows it while the loop logs rarely)."""
+    phases = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if "--process-id" in cmd and str(workdir) in cmd:
+            try:
+                beat = heartbeat.heartbeat_path(p.environ()[heartbeat.ENV_DIR], int(cmd[cmd.index("--process-id") + 1]))
+                with open(beat) as f:
+                    phases.append(f.read())
+            except (OSError, KeyError, psutil.Error):
+                return False
+    return phases == ["train", "train"]
 
 
 def _finish(proc, err, workers, workdir):
@@ -131,6 +151,43 @@ def test_kill_9_takes_the_job_down(train_shards, tmp_path):
     assert f"process 1 was killed by signal 9 (SIGKILL); its log: {workdir}/logs/process_1.log" in text
     assert "stopped process 0" in text
     assert (workdir / "logs" / "process_1.log").stat().st_size > 0
+
+
+def test_sigterm_to_one_process_saves_the_whole_job_at_once(train_shards, tmp_path):
+    """Preemption of one host: JAX's preemption service tells the other, both save the same step and
+    exit 0 within 30 s, although the loop logs (and syncs with the host) only every 1000 steps."""
+    workdir = tmp_path / "w"
+    log0 = workdir / "logs" / "process_0.log"
+    proc, err, workers = _start_long_job(workdir, train_shards, overrides=["--config.log_every_steps=1000"],
+                                         ready=lambda: _all_stepping(workdir))
+    workers[1].send_signal(signal.SIGTERM)
+    elapsed, code, text = _finish(proc, err, workers, workdir)
+    print(f"SIGTERM to process 1: the job saved and exited {elapsed:.1f} s after the signal")
+    assert code == 0, text[-3000:]
+    assert elapsed < 30, text[-2000:]
+    steps = _checkpoint_steps(workdir)
+    assert len(steps) == 1 and steps[0] < 100000, steps
+    # process 0 never got a signal: it learnt of the notice through the coordination service
+    assert f"preemption notice from another process: checkpoint saved at step {steps[0]}" in log0.read_text()
+
+
+def test_ctrl_c_to_the_launcher_is_a_clean_interruption(tmp_path):
+    """Every process saves and exits 130 after a forwarded Ctrl-C: no failure, status 130."""
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *a: sys.exit(130))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(60)\n")
+    processes = [Process([sys.executable, "-c", script], dict(os.environ), str(tmp_path / f"p{i}.log"))
+                 for i in range(2)]
+    out = tmp_path / "supervisor.txt"
+    with open(out, "w") as f:
+        supervisor = Supervisor(processes, kill_grace=5, out=f, stream=False)
+        threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        code = supervisor.run()
+    text = out.read_text()
+    assert code == 130, text
+    assert "SIGINT: forwarded to every process" in text and "interrupted: every process saved" in text
+    assert "exited with code 130" not in text  # not reported as a failure
 
 
 def test_sigstop_is_caught_by_the_heartbeat(train_shards, tmp_path):

@@ -1,10 +1,13 @@
 """Faults `rsclip train` survives: a second run on a live workdir, a stale lock, too many NaN steps,
-an update that makes parameters non-finite, Ctrl-C (save, then exit 130; twice: at once)."""
+an update that makes parameters non-finite, Ctrl-C (save, then exit 130; twice: at once), a
+checkpoint that cannot be written, corrupt checkpoints."""
 
 from __future__ import annotations
 
 import json
 import os
+import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,3 +145,84 @@ def test_update_making_params_nonfinite_is_skipped():
     assert bool(metrics["nonfinite"])
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+# -- checkpoints: a failed save, a corrupt checkpoint ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def eight_steps(tmp_path_factory, train_shards):
+    """A finished tiny run of 8 steps with checkpoints at steps 4 and 8."""
+    workdir = tmp_path_factory.mktemp("eight_steps")
+    proc = subprocess.run(_cmd(workdir, train_shards, "--config.total_steps=8"), env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _checkpoint_steps(workdir) == [4, 8]
+    return workdir
+
+
+def _flip_a_byte(step_dir):
+    """Flips one byte in the middle of the largest array data file of a checkpoint's state."""
+    data = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    data.write_bytes(bytes(raw))
+
+
+def _metric_losses(workdir):
+    with open(workdir / "metrics.jsonl") as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(eight_steps, train_shards, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(eight_steps, workdir)
+    before = _metric_losses(workdir)
+    _flip_a_byte(workdir / "checkpoints" / "8")
+    proc = subprocess.run(_cmd(workdir, train_shards, "--config.total_steps=8"), env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {workdir}/checkpoints/8 does not verify, skipping it: " in proc.stderr
+    assert "resuming from step 4, the newest checkpoint that verifies (1 newer one(s) moved to" in proc.stderr
+    assert len(list((workdir / "checkpoints_rejected").glob("8-*"))) == 1  # kept for inspection
+    assert _checkpoint_steps(workdir) == [4, 8]  # step 8 written again, from step 4
+    after = _metric_losses(workdir)
+    assert sorted(after) == list(range(1, 9))
+    for step in range(5, 9):  # the same batches and updates as the first time: an exact resume
+        assert after[step] == pytest.approx(before[step], abs=1e-6), step
+
+
+def test_no_checkpoint_verifies_one_line_naming_each(eight_steps, train_shards, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(eight_steps, workdir)
+    # step 8: a saved checksum that no longer matches (what a silently flipped byte looks like);
+    # step 4: a damaged data file
+    sums_path = workdir / "checkpoints" / "8" / "checksums" / "metadata"
+    sums = json.loads(sums_path.read_text())
+    key = sorted(k for k in sums if "params" in k)[0]
+    sums[key] = (sums[key] + 1) % 2**32
+    sums_path.write_text(json.dumps(sums))
+    _flip_a_byte(workdir / "checkpoints" / "4")
+    proc = subprocess.run(_cmd(workdir, train_shards, "--config.total_steps=12"), env=_env(), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rsclip train: error: {workdir}/checkpoints: no checkpoint verifies (step 8: "), last
+    assert f"1 array(s) differ from their saved checksums: {key}" in last and "; step 4: " in last
+    assert "rerun to start from scratch" in last
+    assert _checkpoint_steps(workdir) == []
+
+
+def test_failed_save_is_reported_at_its_step_and_the_run_stops(tmp_path, train_shards):
+    """Writes beyond 2 MB fail (RLIMIT_FSIZE, as a full disk would): the first checkpoint's arrays."""
+    limit = 2 * 1024 * 1024
+    t0 = time.monotonic()
+    proc = subprocess.run(_cmd(tmp_path, train_shards), env=_env(), capture_output=True, text=True, timeout=300,
+                          cwd=REPO, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    print(f"failed save: the run ended {time.monotonic() - t0:.0f} s after it started")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rsclip train: error: saving the checkpoint of step 4 to {tmp_path}/checkpoints failed: ")
+    assert "File too large" in last and "rerun the same command to resume" in last
+    assert max(_metric_losses(tmp_path)) < 8  # stopped before the next save, not an interval late
+    assert _checkpoint_steps(tmp_path) == []
+    assert not (tmp_path / OWNER_NAME).exists()  # released on the way out

@@ -30,6 +30,7 @@ from rsclip_jax.models.config import get_model_config, with_sigmoid_head
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_ITEM, DATA_ITEM, CONFIG_ITEM, MODEL_ITEM, METRICS_ITEM = "state", "data", "config", "model", "metrics"
+CHECKSUMS_ITEM = "checksums"  # per-array checksums of the state, verified on resume
 
 
 class WorkdirError(FileNotFoundError):

@@ -11,7 +11,8 @@ output is also streamed to this terminal. The supervisor waits for every process
   process stopped by SIGSTOP, or stuck), it names it, kills its group and the others the same way,
   and returns 124;
 - SIGTERM or SIGINT to the supervisor is forwarded to every process once (preemption: each saves a
-  checkpoint and exits 0); a second one takes the job down.
+  checkpoint and exits 0, or 130 after SIGINT, which the supervisor returns as a clean
+  interruption); a second one takes the job down.
 
 After any ending, every group is sent SIGKILL, so no process is left behind.
 """
@@ -30,6 +31,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from rsclip_jax.train import heartbeat
+from rsclip_jax.train.loop import INTERRUPTED_EXIT_CODE
 
 HUNG_EXIT_CODE = 124  # as coreutils' `timeout`
 POLL_SECONDS = 0.25
@@ -184,12 +186,18 @@ class Supervisor:
                     self.say(f"{signal.Signals(signum).name} again: stopping every process")
                     self._stop(self._running())
                     return 128 + signum
-            failed = [p for p in self.processes if p.returncode not in (None, 0)]
+            # After a forwarded Ctrl-C, `rsclip train` saves and exits 130 (interrupted): a clean stop.
+            clean = (0, INTERRUPTED_EXIT_CODE) if forwarded and self._signals[0] == signal.SIGINT else (0,)
+            failed = [p for p in self.processes if p.returncode not in (None, *clean)]
             if failed:
                 first = min(failed, key=lambda p: p.exited)
                 return self._fail(first)
-            if all(p.returncode == 0 for p in self.processes):
-                return 0
+            if all(p.returncode in clean for p in self.processes):
+                codes = {p.returncode for p in self.processes}
+                if codes != {0}:
+                    self.say("interrupted: every process saved a checkpoint and stopped; rerun the same command "
+                             "to resume")
+                return max(codes)
             hung = self._hung()
             if hung is not None:
                 return self._hang(*hung)

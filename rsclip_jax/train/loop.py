@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax._src import distributed
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
@@ -41,6 +42,8 @@ from rsclip_jax.train.workdir_lock import WorkdirLock
 # max_skipped_fraction is checked only after this many steps of a run (one early blow-up in a short
 # run is not yet a trend).
 SKIPPED_FRACTION_MIN_STEPS = 20
+# `rsclip train`'s exit status after Ctrl-C: a checkpoint was saved, but the run is not finished.
+INTERRUPTED_EXIT_CODE = 130
 
 
 class NonFiniteLossError(RuntimeError):
@@ -52,14 +55,25 @@ class TooManySkippedStepsError(NonFiniteLossError):
 
 
 class _Preemption:
-    """Turns SIGTERM (and SIGINT, when asked) into a flag checked at step boundaries (agreed on by
-    all processes). A second SIGINT calls `on_abort` and exits at once (status 130)."""
+    """Turns SIGTERM (and SIGINT, when asked) into a stop that every process agrees on.
+
+    One process: a Python handler sets a flag, read at the next step boundary. Several processes:
+    JAX's preemption service (`jax.distributed`) owns SIGTERM. A notice on any process reaches
+    all of them through the coordination service, which picks the next step every process can
+    reach; `agreed(step)` is called every step and costs no collective, so a job saves within a
+    step or two of the signal whatever the log interval. SIGINT is handed to the same service by
+    raising SIGTERM. A second SIGINT calls `on_abort` and exits at once (status 130).
+    """
 
     def __init__(self, sigint: bool = False, on_abort: Any = None) -> None:
         self.requested = False
         self.signal_name = "SIGTERM"
         self._on_abort = on_abort
-        self._previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, self._handle)}
+        self._previous: dict[int, Any] = {}
+        self.service = (jax.process_count() > 1
+                        and getattr(distributed.global_state, "preemption_sync_manager", None) is not None)
+        if not self.service:  # with the service, its C++ handler must keep SIGTERM
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
         if sigint:
             self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
 
@@ -73,13 +87,24 @@ class _Preemption:
                 os._exit(130)
             _log("Ctrl-C: saving a checkpoint at the next step boundary, then exiting; press Ctrl-C again to "
                  "exit at once")
+            if self.service and not self.requested:
+                os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to every process
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
         self.requested = True
 
-    def agreed(self) -> bool:
+    @property
+    def every_step(self) -> bool:
+        """Whether `agreed` may be called at every step (no collective), not only at sync points."""
+        return self.service or jax.process_count() == 1
+
+    def agreed(self, step: int) -> bool:
+        """Whether every process stops after `step`: each process calls it after the same steps."""
         if jax.process_count() == 1:
             return self.requested
+        if self.service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        # jax_enable_preemption_service off: a collective, so only at the loop's sync points
         return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
 
     def restore(self) -> None:
@@ -133,13 +158,19 @@ def _resume_and_loop(config: ml_collections.ConfigDict, workdir: str, allow_conf
                      lock: WorkdirLock | None, run: Run, training_evals: TrainingEvals,
                      checkpointer: Checkpointer, opened: list[Any]) -> dict[str, Any]:
     data_iter = iter(train_data(config, run.model_config.vision.image_size))
-    start = checkpointer.latest_step()
-    if start is not None:
-        saved = read_json_item(workdir, start, CONFIG_ITEM) or {}
-        record = read_json_item(workdir, start, MODEL_ITEM)
+
+    def check_step(step: int) -> None:
+        try:
+            saved = read_json_item(workdir, step, CONFIG_ITEM) or {}
+            record = read_json_item(workdir, step, MODEL_ITEM)
+        except (OSError, ValueError):
+            return  # unreadable: the restore fails on it too, and falls back
         saved_model = config_from_record(record, workdir) if record is not None else None
         check_resume_compatible(workdir, saved, config, allow_config_change, saved_model, run.model_config)
-        start, state = checkpointer.restore(run.abstract_state, data_iter)
+
+    restored = checkpointer.restore_newest_valid(run.abstract_state, data_iter, check_step, _log)
+    if restored is not None:
+        start, state = restored
         _log(f"resumed from {checkpointer.directory} at step {start}")
     else:
         start, state = 0, initial_state(run)
@@ -193,6 +224,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 jax.block_until_ready(metrics)
                 heartbeat.foreground("train")
             heartbeat.beat()  # from here on only steps beat: a process stopped, or stuck in a collective, stops
+            checkpointer.check()  # a background save that failed (disk full) stops the run now, naming its step
             step += 1
             window_steps += 1
             first_nonfinite = jnp.where(metrics["nonfinite"] & (first_nonfinite < 0), step, first_nonfinite)
@@ -202,11 +234,12 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             due_evals = training_evals.due(step)
             evaluate = bool(due_evals)
             save = step == config.total_steps or step % config.checkpoint_every_steps == 0
-            # Sync points fall on the same steps on every process (agreeing on preemption is a
-            # collective); a single process also syncs as soon as SIGTERM arrives.
-            local_signal = jax.process_count() == 1 and preemption.requested
-            if not (log or evaluate or save or step % sync_every == 0 or local_signal):
+            # Sync points fall on the same steps on every process. Preemption is agreed at every
+            # step (without a collective) where JAX's preemption service runs, else at sync points.
+            stop = preemption.agreed(step) if preemption.every_step else False
+            if not (log or evaluate or save or stop or step % sync_every == 0):
                 continue
+            stop = stop or (not preemption.every_step and preemption.agreed(step))
             metrics, new_nonfinite, first = jax.device_get((metrics, nonfinite, first_nonfinite))
             if new_nonfinite:
                 skipped += int(new_nonfinite)
@@ -234,12 +267,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 with heartbeat.keepalive("save"):
                     checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 saved_step = step
-            if preemption.agreed():
+            if stop:
                 if saved_step != step:
                     checkpointer.save(step, state, data_iter, config_dict, run.model_config, step_evals)
                 checkpointer.wait()
                 ended = "interrupted" if preemption.signal_name == "SIGINT" else "preempted"
-                _log(f"{preemption.signal_name}: checkpoint saved at step {step}; rerun the same command to resume")
+                cause = preemption.signal_name if preemption.requested else "preemption notice from another process"
+                _log(f"{cause}: checkpoint saved at step {step}; rerun the same command to resume")
                 break
     finally:
         bar.close()
