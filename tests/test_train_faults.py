@@ -226,3 +226,71 @@ def test_failed_save_is_reported_at_its_step_and_the_run_stops(tmp_path, train_s
     assert max(_metric_losses(tmp_path)) < 8  # stopped before the next save, not an interval late
     assert _checkpoint_steps(tmp_path) == []
     assert not (tmp_path / OWNER_NAME).exists()  # released on the way out
+
+
+# -- a corrupt record in a shard ------------------------------------------------------------------
+
+CORRUPT_KEY = 5
+
+
+@pytest.fixture(scope="module")
+def corrupt_shards(tmp_path_factory, train_shards):
+    """A copy of the training shards whose record 5 has a header but image bytes that do not decode."""
+    from rsclip_jax.data import shards
+
+    out = tmp_path_factory.mktemp("corrupt_shards")
+    shutil.copy(train_shards / shards.MANIFEST_NAME, out)
+    (name,) = [s["file"] for s in shards.load_manifest(train_shards)["shards"]]
+    records = shards.read_shard(train_shards / name)
+    header, start = shards.decode_header(records[CORRUPT_KEY])
+    records[CORRUPT_KEY] = records[CORRUPT_KEY][:start] + b"\x89PNG\r\n\x1a\n truncated"
+    shards.write_shard(out / name, records)
+    return out
+
+
+def _batches(shards_dir, skip_corrupt, n):
+    from rsclip_jax.data import shards
+    from rsclip_jax.data.augment import AugmentConfig
+    from rsclip_jax.data.pipeline import train_dataset
+
+    ds = train_dataset(shards.shard_paths(shards_dir), batch_size=8, seed=0, shuffle=False,
+                       augment=AugmentConfig(image_size=32, hflip=False, vflip=False, rot90=False),
+                       skip_corrupt=skip_corrupt)
+    it = iter(ds)
+    return [next(it) for _ in range(n)]
+
+
+def test_corrupt_record_is_named_or_replaced_by_the_next_one(corrupt_shards, train_shards):
+    from rsclip_jax.data.pipeline import CorruptRecordError
+
+    with pytest.raises(CorruptRecordError, match=rf"shard-00000-of-00001.array_record record {CORRUPT_KEY}: .*"
+                                                 r"data.skip_corrupt=N"):
+        _batches(corrupt_shards, 0, 1)
+    clean, replaced = _batches(train_shards, 1, 1)[0], _batches(corrupt_shards, 1, 1)[0]
+    flags = np.zeros(8, bool)
+    flags[CORRUPT_KEY] = True
+    np.testing.assert_array_equal(replaced["corrupt"], flags)
+    assert not clean["corrupt"].any()
+    for key in ("images", "tokens"):  # every other example unchanged; the bad one is its neighbour
+        keep = ~flags
+        np.testing.assert_array_equal(replaced[key][keep], clean[key][keep])
+    np.testing.assert_array_equal(replaced["images"][CORRUPT_KEY], clean["images"][CORRUPT_KEY + 1])
+    again = _batches(corrupt_shards, 1, 1)[0]  # the same choice every time (and on every process)
+    np.testing.assert_array_equal(again["images"], replaced["images"])
+
+
+def test_skip_corrupt_counts_and_stops_past_the_limit(corrupt_shards, tmp_path):
+    """48 records, batch 8: the corrupt record comes once per 6-step epoch, so a limit of 1 stops
+    the run in its second epoch, after logging and counting the first."""
+    proc = subprocess.run(_cmd(tmp_path, corrupt_shards, "--config.data.skip_corrupt=1",
+                               "--config.checkpoint_every_steps=100"),
+                          env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"[data] skipping corrupt training record {corrupt_shards}/shard-00000-of-00001.array_record record " \
+           f"{CORRUPT_KEY}" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "rsclip train: error: 2 corrupt training records met by step" in last
+    assert "more than data.skip_corrupt=1" in last
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["corrupt_records"] for r in rows]
+    assert counts == sorted(counts) and counts[-1] == 1 and 6 <= len(rows) < 12  # counted, then stopped

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import sys
 from collections.abc import Sequence
 
 import grain
@@ -44,6 +45,8 @@ from rsclip_jax.data.augment import AugmentConfig, decode_and_augment
 from rsclip_jax.preprocess import preprocess_image
 from rsclip_jax.tokenizer import CONTEXT_LENGTH, get_tokenizer
 
+# A corrupt record is replaced by the next readable one among this many (more: the shards are broken).
+MAX_SUBSTITUTE_TRIES = 16
 DEFAULT_AUGMENT = AugmentConfig()  # OpenCLIP's train crop at 224 px plus flips and 90° rotations
 
 
@@ -76,36 +79,79 @@ def shard_range(num_records: int, options: grain.sharding.ShardOptions) -> tuple
     return start, start + per + (1 if i < rem else 0)
 
 
+class CorruptRecordError(ValueError):
+    """A training record that cannot be read or decoded (names its shard file and index)."""
+
+
 class _ReadRecord:
     """Random access to serialised records (picklable, for grain worker processes)."""
 
     def __init__(self, paths: Sequence[str]) -> None:
-        self.source = grain.sources.ArrayRecordDataSource(list(paths))
+        self.paths = list(paths)
+        self.source = grain.sources.ArrayRecordDataSource(self.paths)
 
     def header_and_image(self, key: int) -> tuple[dict, bytes]:
         data = self.source[key]
         header, start = shards.decode_header(data)
         return header, data[start:]
 
+    def locate(self, key: int) -> str:
+        """'SHARD record I' for a global record key (counted only on this error path)."""
+        for path in self.paths:
+            count = num_records([path])
+            if key < count:
+                return f"{path} record {key}"
+            key -= count
+        return f"record {key} past the end of the shards"
+
 
 class _TrainExample(_ReadRecord):
     """The example at a process-local position: its block of the global stream, decoded."""
 
     def __init__(self, paths: Sequence[str], augment: AugmentConfig, seed: int, epoch_length: int,
-                 keys: grain.MapDataset, shard_count: int, shard_index: int, block: int) -> None:
+                 keys: grain.MapDataset, shard_count: int, shard_index: int, block: int,
+                 skip_corrupt: int = 0) -> None:
         super().__init__(paths)
         self.augment, self.seed, self.epoch_length = augment, seed, epoch_length
         self.keys, self.count, self.index, self.block = keys, shard_count, shard_index, block
+        self.skip_corrupt = skip_corrupt
 
-    def __call__(self, local: int) -> tuple[np.ndarray, str]:
+    def __call__(self, local: int) -> tuple:
         position = (local // self.block) * self.count * self.block + self.index * self.block + local % self.block
-        key = self.keys[position]
+        key = int(self.keys[position])
         epoch = position // self.epoch_length
-        rng = np.random.default_rng([self.seed, epoch, int(key)])  # per record: exact on restore
+        try:
+            example = self._example(key, epoch)
+        except Exception as e:  # noqa: BLE001 - a damaged record fails in many ways (read, header, image)
+            if not self.skip_corrupt:
+                raise CorruptRecordError(
+                    f"corrupt training record: {self.locate(key)}: {type(e).__name__}: {e}. Rebuild the shards "
+                    "(`rsclip data build`), or set --config.data.skip_corrupt=N to skip up to N such records") from e
+            example = self._substitute(key, epoch, e)
+        # with skipping on, every example says whether it stands in for a corrupt record (counted
+        # by the train step, so every process sees the same total)
+        return (*example, False) if self.skip_corrupt and len(example) == 2 else example
+
+    def _example(self, key: int, epoch: int) -> tuple[np.ndarray, str]:
+        rng = np.random.default_rng([self.seed, epoch, key])  # per record: exact on restore
         header, image = self.header_and_image(key)
         pixels = decode_and_augment(image, self.augment, rng)
         captions = header["captions"]
         return pixels, captions[int(rng.integers(len(captions)))]
+
+    def _substitute(self, key: int, epoch: int, error: Exception) -> tuple[np.ndarray, str, bool]:
+        """The next readable record after a corrupt one: a pure function of the key, so batches keep
+        their shape and a resumed run sees the same examples."""
+        print(f"[data] skipping corrupt training record {self.locate(key)} ({type(error).__name__}: {error}); "
+              "data.skip_corrupt allows it", file=sys.stderr, flush=True)
+        size = len(self.source)
+        for step in range(1, min(size, MAX_SUBSTITUTE_TRIES + 1)):
+            try:
+                return (*self._example((key + step) % size, epoch), True)
+            except Exception:  # noqa: BLE001
+                continue
+        raise CorruptRecordError(f"corrupt training record {self.locate(key)}, and the {MAX_SUBSTITUTE_TRIES} records "
+                                 "after it are corrupt too: rebuild the shards with `rsclip data build`")
 
 
 class _EvalExample(_ReadRecord):
@@ -134,7 +180,9 @@ class _Collate:
             "images": np.stack([e[0] for e in examples]),
             "tokens": get_tokenizer()([e[1] for e in examples], self.context_length),
         }
-        if len(examples[0]) > 2:
+        if len(examples[0]) == 3:  # training with data.skip_corrupt: which examples stand in for corrupt ones
+            batch["corrupt"] = np.array([e[2] for e in examples], bool)
+        elif len(examples[0]) == 4:  # evaluation
             batch["index"] = np.array([e[2] for e in examples], np.int32)
             batch["mask"] = np.array([e[3] for e in examples], bool)
         return batch
@@ -160,6 +208,7 @@ def train_examples(
     augment: AugmentConfig = DEFAULT_AUGMENT,
     shard_options: grain.sharding.ShardOptions | None = None,
     block: int = 1,
+    skip_corrupt: int = 0,
 ) -> grain.MapDataset:
     """This process's stream of (augmented uint8 image, chosen caption) examples, unbatched.
 
@@ -178,7 +227,7 @@ def train_examples(
     keys = keys.repeat(num_epochs)
     rounds, rest = divmod(len(keys), n * block)
     local = rounds * block + (0 if options.drop_remainder else min(max(rest - p * block, 0), block))
-    return grain.MapDataset.range(local).map(_TrainExample(paths, augment, seed, num, keys, n, p, block))
+    return grain.MapDataset.range(local).map(_TrainExample(paths, augment, seed, num, keys, n, p, block, skip_corrupt))
 
 
 def train_dataset(
@@ -192,6 +241,7 @@ def train_dataset(
     shard_options: grain.sharding.ShardOptions | None = None,
     context_length: int = CONTEXT_LENGTH,
     loader: LoaderConfig = LoaderConfig(),
+    skip_corrupt: int = 0,
 ) -> grain.IterDataset:
     """Per-process training batches (see the module docstring); `iter()` it for a checkpointable iterator.
 
@@ -201,9 +251,12 @@ def train_dataset(
         seed: shuffles and augmentation; the same on every process.
         num_epochs: None repeats forever. The last incomplete batch is dropped.
         shard_options: this process's share; default `ShardByJaxProcess(drop_remainder=True)`.
+        skip_corrupt: 0 raises CorruptRecordError (naming shard and index) at a record that cannot
+            be read; > 0 replaces it by the next readable record and marks it in `batch["corrupt"]`
+            (the limit itself is enforced by the training loop, over all processes).
     """
     examples = train_examples(paths, seed=seed, num_epochs=num_epochs, shuffle=shuffle, augment=augment,
-                              shard_options=shard_options, block=batch_size)
+                              shard_options=shard_options, block=batch_size, skip_corrupt=skip_corrupt)
     batches = examples.batch(batch_size, drop_remainder=True, batch_fn=_Collate(context_length))
     return _to_iter_dataset(batches, loader)
 

@@ -76,6 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # directory of ArrayRecord shards written by `rsclip data build`
     c.data.build_from = ""  # captions CSV(s), comma-separated: build data.train from them if it has no shards
     c.data.num_workers = 0  # grain worker processes (0 was fastest on 2 cores)
+    # Corrupt training records (unreadable, or an image that does not decode): 0 stops the run at
+    # the first, naming its shard and index; N > 0 replaces each by the next readable record, logs
+    # it, counts it (metric corrupt_records) and stops once more than N were met since the run started.
+    c.data.skip_corrupt = 0
     c.data.crop_scale_min = 0.9  # RandomResizedCrop scale range, as OpenCLIP's train default
     c.data.crop_scale_max = 1.0
     c.data.hflip = True  # remote-sensing scenes have no canonical orientation
@@ -161,6 +165,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"max_skipped_steps must be >= 0 (0: no limit), got {config.max_skipped_steps}")
     if not 0.0 <= config.get("max_skipped_fraction", 0.0) < 1.0:
         raise ConfigError(f"max_skipped_fraction must be in [0, 1) (0: no limit), got {config.max_skipped_fraction}")
+    if config.get("data", {}).get("skip_corrupt", 0) < 0:
+        raise ConfigError(f"data.skip_corrupt must be >= 0 (0: stop at the first corrupt record), got "
+                          f"{config.data.skip_corrupt}")
     if config.get("loss", {}).get("name", "clip") not in ("clip", "siglip"):
         raise ConfigError(f"loss.name must be 'clip' or 'siglip', got {config.loss.name!r}")
     accum = config.get("optim", {}).get("grad_accum_steps", 1)

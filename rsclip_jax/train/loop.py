@@ -50,6 +50,10 @@ class NonFiniteLossError(RuntimeError):
     """Raised under nan_policy='stop' when a step's loss, gradient or update is NaN/Inf."""
 
 
+class CorruptDataError(ValueError):
+    """Raised when more than data.skip_corrupt corrupt training records were met."""
+
+
 class TooManySkippedStepsError(NonFiniteLossError):
     """Raised under nan_policy='skip' when max_skipped_steps or max_skipped_fraction is exceeded."""
 
@@ -211,6 +215,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     # updates, so the state stays finite either way).
     sync_every = min(config.log_every_steps, 10)
     nonfinite, first_nonfinite = jnp.zeros((), jnp.int32), jnp.full((), -1, jnp.int32)
+    corrupt = jnp.zeros((), jnp.int32)  # records replaced under data.skip_corrupt, summed on the device
+    skip_corrupt = config.data.get("skip_corrupt", 0)
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     skipped, ended, saved_step = 0, "completed", None
@@ -229,6 +235,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             window_steps += 1
             first_nonfinite = jnp.where(metrics["nonfinite"] & (first_nonfinite < 0), step, first_nonfinite)
             nonfinite = nonfinite + metrics["nonfinite"].astype(jnp.int32)
+            if "corrupt_records" in metrics:
+                corrupt = corrupt + metrics["corrupt_records"]
             bar.update(1)
             log = step % config.log_every_steps == 0 or step == config.total_steps
             due_evals = training_evals.due(step)
@@ -240,7 +248,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             if not (log or evaluate or save or stop or step % sync_every == 0):
                 continue
             stop = stop or (not preemption.every_step and preemption.agreed(step))
-            metrics, new_nonfinite, first = jax.device_get((metrics, nonfinite, first_nonfinite))
+            fetched = jax.device_get((metrics, nonfinite, first_nonfinite, corrupt))
+            metrics, new_nonfinite, first, corrupt_total = fetched
+            if skip_corrupt and corrupt_total > skip_corrupt:
+                raise CorruptDataError(
+                    f"{int(corrupt_total)} corrupt training records met by step {step} since this run started, more "
+                    f"than data.skip_corrupt={skip_corrupt}; stopping. The log names each one: rebuild those shards "
+                    "with `rsclip data build`, or raise the limit")
             if new_nonfinite:
                 skipped += int(new_nonfinite)
                 msg = (f"{int(new_nonfinite)} step(s) with a non-finite loss, gradient or updated parameters, first "
@@ -255,6 +269,8 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             if log:
                 elapsed = time.perf_counter() - window_start
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
+                if skip_corrupt:
+                    last["corrupt_records"] = int(corrupt_total)
                 writer.write(step, last)
                 window_start, window_steps = time.perf_counter(), 0
             step_evals = None

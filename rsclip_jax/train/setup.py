@@ -219,4 +219,5 @@ def train_data(config: ml_collections.ConfigDict, image_size: int) -> Any:
         seed=config.seed,
         augment=augment,
         loader=LoaderConfig(worker_count=d.num_workers),
+        skip_corrupt=d.get("skip_corrupt", 0),
     )

@@ -167,6 +167,8 @@ def make_train_step(
             "logit_scale": jnp.exp(new_state.params["logit_scale"][...]),
             "nonfinite": ~finite,
         }
+        if "corrupt" in batch:  # data.skip_corrupt: examples standing in for corrupt records, over all processes
+            metrics["corrupt_records"] = jnp.sum(batch["corrupt"].astype(jnp.int32))
         return new_state, metrics
 
     if grad_accum_steps < 1:
