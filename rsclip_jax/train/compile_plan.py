@@ -152,6 +152,7 @@ def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: 
         "collective_counts": dict(traffic.count),
         "collectives_total_bytes": traffic.total,
         "while_loops_without_trip_count": traffic.unknown_trip_counts,
+        "largest_collectives": traffic.largest,
         "device_memory": device_memory,
         "exceeds_device_memory": bool(device_memory is not None and memory["total"] > device_memory),
     }
@@ -196,6 +197,11 @@ def format_plan(p: dict[str, Any]) -> str:
                           for k, cls in [key.split("/", 1)] if k == kind)
         lines.append(f"  {kind:<40}{gib(c[kind])}  x{p['collective_counts'].get(kind, 0)}  ({parts} GiB)")
     lines.append(f"  {'total':<40}{gib(p['collectives_total_bytes'])}")
+    if p["largest_collectives"]:
+        lines.append("  largest: bytes per step, executions, payload, source")
+        for e in p["largest_collectives"][:5]:
+            lines.append(f"    {e['bytes'] / GIB:8.3f} GiB  x{e['executions']:<4} {e['kind']} {e['payload'][:60]}  "
+                         f"{e['source'][-70:]}")
     if p["while_loops_without_trip_count"]:
         lines.append(f"  note: {p['while_loops_without_trip_count']} loop(s) without a known trip count were counted "
                      "once")

@@ -45,6 +45,7 @@ class Collectives:
     by_class: Counter  # (kind, class) -> bytes, class in parameters | embeddings | activations/other
     count: Counter  # kind -> number of executions
     unknown_trip_counts: int  # while loops counted once because XLA recorded no trip count
+    largest: list[dict] = dataclasses.field(default_factory=list)  # the biggest collectives, for a reader
 
     @property
     def total(self) -> int:
@@ -89,17 +90,24 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
-def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: Iterable[int] = ()) -> Collectives:
-    """Counts the collectives of one step; sizes (element counts) classify payloads (module docstring)."""
+def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: Iterable[int] = (),
+                largest: int = 12) -> Collectives:
+    """Counts the collectives of one step; sizes (element counts) classify payloads (module docstring).
+
+    `largest`: how many of the costliest instructions to list (kind, payload type, executions per
+    step, bytes per step and the JAX operation they come from).
+    """
     params, embeddings = set(parameter_sizes), set(embedding_sizes)
     computations, entry = _computations(hlo)
     unknown = [0]
+    listed: list[dict] = []
 
     def classify(dims: tuple[int, ...]) -> str:
         n = math.prod(dims)
         return "parameters" if n in params else "embeddings" if n in embeddings else "activations/other"
 
-    def count(comp: str, seen: tuple[str, ...]) -> Counter:
+    def count(comp: str, seen: tuple[str, ...], trips: int = 1) -> Counter:
+        """Bytes and executions of `comp` run `trips` times."""
         out: Counter = Counter()  # keys: (kind, class) for bytes, ("#", kind) for executions
         for line in computations.get(comp, []):
             op = _OP.search(line)
@@ -108,30 +116,34 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
             result_type, kind = op.group(1), op.group(2)
             base = kind.removesuffix("-start").removesuffix("-done")
             if base in KINDS and not kind.endswith("-start"):
-                scale = group_size(line) if base == "reduce-scatter" else 1
-                for dtype, dims in arrays(result_type):
-                    full = dims if scale == 1 else (dims[0] * scale, *dims[1:]) if dims else dims
-                    out[(base, classify(full))] += math.prod(full) * _DTYPE_BYTES[dtype]
-                out[("#", base)] += 1
+                payload = _full(result_type, group_size(line) if base == "reduce-scatter" else 1)
+                for dtype, dims in payload:
+                    out[(base, classify(dims))] += math.prod(dims) * _DTYPE_BYTES[dtype] * trips
+                out[("#", base)] += trips
+                source = re.search(r'op_name="([^"]*)"', line)
+                listed.append({"kind": base, "payload": ", ".join(f"{t}[{','.join(map(str, d))}]" for t, d in payload),
+                               "executions": trips,
+                               "bytes": trips * sum(math.prod(d) * _DTYPE_BYTES[t] for t, d in payload),
+                               "source": source.group(1) if source else ""})
             if kind == "while":
                 body = re.search(r"body=%?([\w.\-]+)", line)
-                trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-                if not trips:
+                known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                if not known:
                     unknown[0] += 1
                 if body and body.group(1) not in seen:
-                    inner = count(body.group(1), seen + (body.group(1),))
-                    out.update({k: v * (int(trips.group(1)) if trips else 1) for k, v in inner.items()})
+                    n = int(known.group(1)) if known else 1
+                    out.update(count(body.group(1), seen + (body.group(1),), trips * n))
             elif kind == "conditional":
                 branches = re.search(r"branch_computations=\{([^}]*)\}", line)
                 names = re.findall(r"%?([\w.\-]+)", branches.group(1)) if branches else re.findall(
                     r"(?:true|false)_computation=%?([\w.\-]+)", line)
-                counted = [count(b, seen + (b,)) for b in names if b not in seen]
+                counted = [count(b, seen + (b,), trips) for b in names if b not in seen]
                 if counted:  # one branch runs: the costliest
                     out.update(max(counted, key=lambda c: sum(v for k, v in c.items() if k[0] != "#")))
             elif kind in ("call", "async-start", "fusion"):
                 for called in re.findall(r"(?:calls|to_apply)=%?([\w.\-]+)", line):
                     if called not in seen:
-                        out.update(count(called, seen + (called,)))
+                        out.update(count(called, seen + (called,), trips))
         return out
 
     raw = count(entry, (entry,)) if entry else Counter()
@@ -139,4 +151,10 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
     by_kind: Counter = Counter()
     for (kind, _), v in by_class.items():
         by_kind[kind] += v
-    return Collectives(by_kind, by_class, Counter({k[1]: v for k, v in raw.items() if k[0] == "#"}), unknown[0])
+    top = sorted(listed, key=lambda e: e["bytes"], reverse=True)[:largest]
+    return Collectives(by_kind, by_class, Counter({k[1]: v for k, v in raw.items() if k[0] == "#"}), unknown[0], top)
+
+
+def _full(type_text: str, scale: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The arrays of a collective's payload: a reduce-scatter's operand is its result times the group."""
+    return [(dt, dims if scale == 1 or not dims else (dims[0] * scale, *dims[1:])) for dt, dims in arrays(type_text)]
