@@ -263,16 +263,18 @@ def _sweep_cli(*args, env):
                           text=True, timeout=600, cwd=REPO)
 
 
-def test_local_sweep_runs_skips_finished_resumes_and_collects(train_shards, tmp_path):
+def test_local_sweep_runs_skips_finished_resumes_and_collects(train_shards, tmp_path, capsys):
     path = _sweep_file(tmp_path, f"""{{"config": {DEMO!r}, "name": "tiny",
         "overrides": {{"data.train": {str(train_shards)!r}, "data.build_from": "", "evals": {{}}, "batch_size": 8,
                       "total_steps": 2, "log_every_steps": 1, "checkpoint_every_steps": 1, "optim.warmup_steps": 1}},
         "runs": product({{"seed": [0, 1], "optim.lr": [1e-3, 1e-1]}})}}""")
     root = tmp_path / "root"
-    # One XLA cache: the second pair of runs (seed 1) compiles the steps of the first (seed 0).
-    env = _env() | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    first = _sweep_cli(path, "--max-parallel", "2", "--root", str(root), env=env)
+    argv = [path, "--max-parallel", "2", "--root", str(root)]
+    # One device (the quickest compile) and one XLA cache: the second pair of runs (seed 1) reuses
+    # the steps the first pair (seed 0) compiled.
+    env = _env(devices=1) | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+                             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    first = _sweep_cli(*argv, env=env)  # a child process: the runs are forked from a process without JAX
     assert first.returncode == 0, first.stderr[-3000:]
     names = ["seed=0,lr=0.001", "seed=0,lr=0.1", "seed=1,lr=0.001", "seed=1,lr=0.1"]
     assert sorted(p.name for p in root.iterdir()) == names
@@ -283,24 +285,26 @@ def test_local_sweep_runs_skips_finished_resumes_and_collects(train_shards, tmp_
     assert "0 finished, 4 to run" in first.stderr and "4 of 4 runs finished" in first.stderr
 
     logs = {n: (root / n / "run.log").read_text() for n in names}
-    again = _sweep_cli(path, "--max-parallel", "2", "--root", str(root), env=env)
-    assert again.returncode == 0 and "4 finished, 0 to run" in again.stderr and "started" not in again.stderr
+    assert main(["sweep", *argv]) == 0
+    err = capsys.readouterr().err
+    assert "4 finished, 0 to run" in err and "started" not in err
     assert {n: (root / n / "run.log").read_text() for n in names} == logs  # nothing ran
 
     shutil.rmtree(root / names[2] / "checkpoints" / "2")  # as if killed before its last save
     assert str(run_status(load_sweep(path, str(root)).runs[2])) == "unfinished (step 2 of 2)"
-    resumed = _sweep_cli(path, "--max-parallel", "2", "--root", str(root), env=env)
+    resumed = _sweep_cli(*argv, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "3 finished, 1 to run" in resumed.stderr and f"started {names[2]} (1/1)" in resumed.stderr
     assert "resumed from" in (root / names[2] / "run.log").read_text().split("==== rsclip sweep")[-1]
 
-    collected = _sweep_cli(path, "--collect", "--root", str(root), env=env)
-    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert main(["sweep", path, "--collect", "--root", str(root)]) == 0
+    out, err = capsys.readouterr()
     with open(root / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == names and {r["status"] for r in rows} == {"completed"}
     assert all(r["step"] == "2" and float(r["loss"]) > 0 for r in rows)
-    assert sum(line.startswith(("| seed=", "| **seed=")) for line in collected.stdout.splitlines()) == 4
+    assert sum(line.startswith(("| seed=", "| **seed=")) for line in out.splitlines()) == 4
     with Image.open(root / "results.png") as im:
         assert im.format == "PNG"
-    assert "best run: " in collected.stderr
+    best = min(rows, key=lambda r: float(r["loss"]))["run"]
+    assert f"best run: {best} (loss = " in err
