@@ -99,11 +99,10 @@ def run_local(sweep: Sweep, todo: list[Run], launcher_args: list[str], args: arg
         sys.stdout.write("".join(f"{shlex.join(p.argv)} >> {shlex.quote(p.log)} 2>&1\n" for _, p in jobs))
         return 0
     _build_shared_data(sweep, todo)
-    for run, (_, p) in zip(todo, jobs):
-        write_record(sweep, run, ["rsclip", *p.argv[3:]])
     say(f"running {len(todo)} run(s), {parallel} at a time; each run's log: ROOT/NAME/{LOG}")
     start = time.monotonic()
     code = JobQueue(jobs, parallel, args.fail_fast,
+                    on_start=lambda i: write_record(sweep, todo[i], ["rsclip", *jobs[i][1].argv[3:]]),
                     on_exit=lambda i, rc, stopped: write_status(todo[i], rc, stopped)).run()
     return _report(sweep, code, time.monotonic() - start)
 

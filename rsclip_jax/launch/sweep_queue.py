@@ -45,14 +45,17 @@ def tail(path: str, lines: int = TAIL_LINES) -> list[str]:
 
 
 class JobQueue:
-    """Runs `jobs` (name, process) at most `max_parallel` at once; `on_exit(index, code, stopped)`
-    is called as each one exits (`stopped`: the queue had told it to stop)."""
+    """Runs `jobs` (name, process) at most `max_parallel` at once; `on_start(index)` is called just
+    before each one starts, `on_exit(index, code, stopped)` as it exits (`stopped`: the queue had
+    told it to stop)."""
 
     def __init__(self, jobs: Sequence[tuple[str, Process]], max_parallel: int, fail_fast: bool = False,
+                 on_start: Callable[[int], None] | None = None,
                  on_exit: Callable[[int, int, bool], None] | None = None, out: IO[str] | None = None) -> None:
         self.jobs = list(jobs)
         self.max_parallel = max_parallel
         self.fail_fast = fail_fast
+        self.on_start = on_start
         self.on_exit = on_exit
         self.out = out or sys.stderr
         self._signals: list[int] = []
@@ -100,6 +103,8 @@ class JobQueue:
             while pending and len(self._running()) < self.max_parallel:
                 i = pending.pop(0)
                 name, p = self.jobs[i]
+                if self.on_start is not None:
+                    self.on_start(i)
                 spawn(p, f"rsclip sweep: {name}")
                 self.say(f"started {name} ({i + 1}/{len(self.jobs)}); log: {p.log}")
             for i in self._running():
@@ -130,6 +135,8 @@ class JobQueue:
             return False
         self.say(f"{name} {describe_exit(code)} after {seconds:.0f} s; its log: {p.log}")
         for line in tail(p.log):
+            if line.startswith("==== "):
+                continue  # the header: the command, already known
             print(f"  [{name}] {line}", file=self.out)
         self.out.flush()
         return True
