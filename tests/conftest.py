@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -10,6 +12,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # embedding) run in every test session. Must be set before JAX initialises its backend.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+# One persistent XLA compilation cache for the whole session, this process and every `rsclip`
+# subprocess a test starts: many tests train the same tiny model, and each would otherwise compile
+# the same step again (seconds each on 2 cores). Only compiles over a second are stored.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rsclip-tests-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    _SESSION_CACHE: str | None = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+    _SESSION_CACHE = None
 
 import pytest
 
@@ -91,3 +103,9 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(config, str(root / "train"))
     save_checkpoint(load_checkpoint(root / "train"), root / "model.safetensors")
     return root / "model.safetensors"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Removes the session's compilation cache (made above)."""
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)

@@ -155,6 +155,10 @@ SKIP = {
         "two processes, each importing JAX and compiling, take over a minute on 2 cores; "
         "tests/test_launch.py::test_local_launch_matches_single_process runs this job (2 x 2 devices, 4 steps)"
     ),
+    ("docs/training.md", "rsclip sweep configs/sweeps/demo_lr.py --max-parallel 2"): (
+        "four trainings, each compiling its own step, take minutes on 2 cores; "
+        "tests/test_sweep.py::test_local_sweep_runs_skips_finished_resumes_and_collects runs this sweep file"
+    ),
     ("docs/performance.md", "bench/gpu_suite.sh"): (
         "needs an NVIDIA GPU; tests/test_bench.py runs the same script with --dry-run"
     ),

@@ -18,6 +18,7 @@ from rsclip_jax.train.compile_plan import (EXCEEDS_EXIT_CODE, GIB, format_plan, 
                                            use_simulated_devices)
 from rsclip_jax.train.config import load_config
 from rsclip_jax.train.distributed import add_distributed_args, check_distributed_args, init_distributed
+from rsclip_jax.train import INTERRUPTED_EXIT_CODE
 from rsclip_jax.train.loop import train
 
 
@@ -65,7 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
     if summary["ended"] == "interrupted":  # Ctrl-C: saved, but not finished; a script must not go on
         print(f"rsclip train: interrupted (Ctrl-C) at step {summary['step']}; checkpoint saved, rerun the same "
               "command to resume", file=sys.stderr)
-        return 130
+        return INTERRUPTED_EXIT_CODE
     return 0
 
 

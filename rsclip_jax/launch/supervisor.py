@@ -30,8 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-from rsclip_jax.train import heartbeat
-from rsclip_jax.train.loop import INTERRUPTED_EXIT_CODE
+from rsclip_jax.train import INTERRUPTED_EXIT_CODE, heartbeat
 
 HUNG_EXIT_CODE = 124  # as coreutils' `timeout`
 POLL_SECONDS = 0.25

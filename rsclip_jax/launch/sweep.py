@@ -39,6 +39,7 @@ import ml_collections
 
 from rsclip_jax.checkpoint.workdir import list_steps
 from rsclip_jax.fileio import atomic_write_json
+from rsclip_jax.train import INTERRUPTED_EXIT_CODE
 from rsclip_jax.train.config import ConfigError, load_config
 
 RECORD = "sweep_run.json"  # what the run is: written before it starts
@@ -369,7 +370,7 @@ def run_status(run: Run) -> Status:
         return Status("completed", step)
     last = _read_json(os.path.join(run.workdir, STATUS)) or {}
     code = last.get("exit_code")
-    if code not in (None, 0, 130) and not last.get("stopped_by_sweep"):
+    if code not in (None, 0, INTERRUPTED_EXIT_CODE) and not last.get("stopped_by_sweep"):
         what = f"signal {-code}" if code < 0 else f"exit code {code}"
         return Status("failed", step, f"{what}; log: {last.get('log')}")
     if step is None and not os.path.isfile(os.path.join(run.workdir, RECORD)):

@@ -42,8 +42,6 @@ from rsclip_jax.train.workdir_lock import WorkdirLock
 # max_skipped_fraction is checked only after this many steps of a run (one early blow-up in a short
 # run is not yet a trend).
 SKIPPED_FRACTION_MIN_STEPS = 20
-# `rsclip train`'s exit status after Ctrl-C: a checkpoint was saved, but the run is not finished.
-INTERRUPTED_EXIT_CODE = 130
 
 
 class NonFiniteLossError(RuntimeError):
