@@ -17,8 +17,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_files", "atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json",
+__all__ = ["require_local_path", "atomic_files", "atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json",
            "atomic_write_npz", "temporary_name"]
+
+
+def require_local_path(path: str | os.PathLike, what: str) -> None:
+    """Refuses a URL (gs://, s3://, ...) where the project writes with the local filesystem.
+
+    A training workdir holds a file lock, metrics and logs written with `open()`; given
+    `gs://bucket/run`, `os.makedirs` would silently make a local folder named `gs:` instead.
+    """
+    if "://" in os.fspath(path):
+        raise ValueError(
+            f"{what} {os.fspath(path)}: a URL, but this is written with the local filesystem (lock, metrics, "
+            "logs, checkpoints). Use a POSIX filesystem every host mounts (Filestore/NFS, Lustre) and pass its "
+            "path; gcsfuse lacks the file locks the workdir needs")
 
 
 def temporary_name(path: str | os.PathLike) -> Path:

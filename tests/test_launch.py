@@ -256,7 +256,7 @@ DRY_RUNS = {
 @pytest.mark.parametrize("name", sorted(DRY_RUNS))
 def test_dry_run_matches_expected_file(name, capsys):
     args = DRY_RUNS[name]
-    train = TRAIN if args[0] != "tpu" else [a.replace("runs/rc_b32", "gs://bucket/runs/rc_b32") for a in TRAIN
+    train = TRAIN if args[0] != "tpu" else [a.replace("runs/rc_b32", "/mnt/shared/runs/rc_b32") for a in TRAIN
                                              if a != "--config.mesh.dcn_shape=(2,1,1)"]
     flags = [] if "--print" in args else ["--dry-run"]
     assert main(["launch", *args, *flags, "--", *train]) == 0
@@ -289,6 +289,10 @@ def test_local_dry_run_prints_each_process(capsys):
      "needs --num-processes and --process-id too"),
     (["train", "--config", "configs/demo.py", "--workdir", "w", "--coordinator-address", "h:1", "--num-processes", "2",
       "--process-id", "2"], "--process-id 2: must be 0 to 1"),
+    # a URL workdir would silently become a local folder named "gs:": refused before a job is queued
+    (["launch", "tpu", "--name", "t", "--zone", "z", "--dry-run", "--", "train", "--config", "configs/demo.py",
+      "--workdir", "gs://bucket/run"], "--workdir gs://bucket/run: a URL, but this is written with the local"),
+    (["train", "--config", "configs/demo.py", "--workdir", "gs://bucket/run"], "mounts (Filestore/NFS, Lustre)"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 1

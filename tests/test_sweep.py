@@ -114,7 +114,7 @@ DRY_RUNS = {
     "sweep_slurm.sh": ["--launcher", "slurm", "--max-parallel", "2",
                        "--launcher-args=--nodes 2 --time 24:00:00 --partition gpu", "--config.data.train=/data/shards"],
     "sweep_tpu.sh": ["--launcher", "tpu", "--launcher-args=--name my-tpu --zone us-central2-b",
-                     "--root", "gs://bucket/sweeps/remoteclip_lr", "--config.data.train=gs://bucket/shards"],
+                     "--root", "/mnt/shared/sweeps/remoteclip_lr", "--config.data.train=/mnt/shared/shards"],
 }
 
 

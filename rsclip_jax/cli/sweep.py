@@ -169,7 +169,7 @@ def run_cluster(sweep: Sweep, todo: list[Run], launcher_args: list[str], args: a
     if args.fail_fast:
         raise ValueError("--fail-fast is for --launcher local (SLURM jobs and TPU runs are started one by one)")
     runs = [(run, _launch_args(args.launcher, launcher_args, train_command(sweep, run))) for run in todo]
-    records = not args.dry_run and "://" not in sweep.root  # a gs:// root is written by the runs only
+    records = not args.dry_run
     failed = []
     for i, (run, largs) in enumerate(runs):
         largs.dry_run = args.dry_run

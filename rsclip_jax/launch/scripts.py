@@ -13,6 +13,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from rsclip_jax.fileio import require_local_path
 from rsclip_jax.launch.supervisor import Process
 from rsclip_jax.train import heartbeat
 from rsclip_jax.train.distributed import FLAGS as DISTRIBUTED_FLAGS
@@ -40,6 +41,9 @@ def check_command(command: Sequence[str]) -> list[str]:
         flag = arg.split("=", 1)[0]
         if flag in LAUNCHER_FLAGS:
             raise ValueError(f"{flag}: the launcher sets it for each process; remove it from the command")
+    workdir = option(command, "--workdir")
+    if workdir is not None:  # refused here, before a job is queued, not by every process after it starts
+        require_local_path(workdir, "--workdir")
     return command
 
 

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from rsclip_jax.checkpoint.architecture import config_from_record
 from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, MODEL_ITEM, read_json_item
 from rsclip_jax.data.pipeline import to_global_batch
+from rsclip_jax.fileio import require_local_path
 from rsclip_jax.models.flops import train_step_flops
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import check_resume_compatible
@@ -121,6 +122,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     with another architecture, batch size or loss is refused unless `allow_config_change`.
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
+    require_local_path(workdir, "--workdir")
     os.makedirs(workdir, exist_ok=True)
     # Only process 0 locks: the others share its workdir (and would refuse each other).
     lock = WorkdirLock(workdir, log=_log).acquire() if jax.process_index() == 0 else None
