@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["require_local_path", "atomic_files", "atomic_write", "atomic_write_folder", "atomic_write_text", "atomic_write_json",
-           "atomic_write_npz", "temporary_name"]
+__all__ = ["require_local_path", "atomic_files", "atomic_write", "atomic_write_folder", "atomic_write_text",
+           "atomic_write_json", "atomic_write_npz", "temporary_name"]
 
 
 def require_local_path(path: str | os.PathLike, what: str) -> None:
