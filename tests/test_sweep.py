@@ -149,6 +149,9 @@ def stop(signum, frame):
 signal.signal(signal.SIGTERM, stop)
 open(os.path.join(d, f"running_{i}"), "w").close()
 print("running", len([n for n in os.listdir(d) if n.startswith("running_")]), flush=True)
+deadline = time.monotonic() + 60  # argv[5]: wait until that many jobs run (their handlers are set)
+while len([n for n in os.listdir(d) if n.startswith("running_")]) < int(sys.argv[5]) and time.monotonic() < deadline:
+    time.sleep(0.05)
 time.sleep(float(sys.argv[3]))
 os.remove(os.path.join(d, f"running_{i}"))
 sys.exit(int(sys.argv[4]))
@@ -156,9 +159,12 @@ sys.exit(int(sys.argv[4]))
 
 
 def _jobs(tmp_path, *specs):
-    return [(f"job{i}", Process([sys.executable, "-c", JOB, str(tmp_path), str(i), str(sleep), str(code)],
-                                dict(os.environ), str(tmp_path / f"job{i}.log")))
-            for i, (sleep, code) in enumerate(specs)]
+    """Jobs of (seconds, exit code[, jobs to wait for before the seconds start])."""
+    def argv(i, spec):
+        return [sys.executable, "-c", JOB, str(tmp_path), str(i), *(str(v) for v in (*spec, 0)[:3])]
+
+    return [(f"job{i}", Process(argv(i, spec), dict(os.environ), str(tmp_path / f"job{i}.log")))
+            for i, spec in enumerate(specs)]
 
 
 def test_queue_runs_at_most_k_and_a_failure_does_not_stop_the_others(tmp_path):
@@ -193,7 +199,7 @@ def test_queue_forwards_sigterm_and_starts_nothing_more(tmp_path, capsys):
 
 
 def test_queue_fail_fast_stops_the_others(tmp_path, capsys):
-    jobs = _jobs(tmp_path, (0, 3), (60, 0), (60, 0))
+    jobs = _jobs(tmp_path, (0, 3, 2), (60, 0), (60, 0))  # job 0 fails once job 1 can act on SIGTERM
     assert JobQueue(jobs, 2, fail_fast=True).run() == 1
     assert jobs[0][1].returncode == 3 and (tmp_path / "stopped_1").exists() and jobs[2][1].popen is None
     err = capsys.readouterr().err
