@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
-import importlib.util
 import itertools
 import json
 import math
@@ -40,7 +39,7 @@ import ml_collections
 from rsclip_jax.checkpoint.workdir import list_steps
 from rsclip_jax.fileio import atomic_write_json
 from rsclip_jax.train import INTERRUPTED_EXIT_CODE
-from rsclip_jax.train.config import ConfigError, load_config
+from rsclip_jax.train.config import ConfigError, load_config, python_module
 
 RECORD = "sweep_run.json"  # what the run is: written before it starts
 STATUS = "sweep_status.json"  # how its last local launch exited: written when it exits
@@ -184,10 +183,7 @@ def render_value(value: Any) -> str:
 def _import(path: str) -> Any:
     if not os.path.isfile(path):
         raise OSError(f"{path}: sweep file not found")
-    spec = importlib.util.spec_from_file_location(f"rsclip_sweep_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
+    module = python_module(path, "rsclip_sweep")
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path}: defines no get_sweep() function")
     return module.get_sweep()

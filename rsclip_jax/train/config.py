@@ -313,15 +313,21 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
             node[leaf] = value
 
 
+def python_module(path: str, prefix: str) -> Any:
+    """Runs the Python file at `path` as a fresh module (a config or sweep file) and returns it."""
+    module_spec = importlib.util.spec_from_file_location(f"{prefix}_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    assert module_spec.loader is not None
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     """Loads `path.py[:arg]`, applies overrides, validates, and returns the locked config."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: config file not found")
-    module_spec = importlib.util.spec_from_file_location(f"rsclip_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    assert module_spec.loader is not None
-    module_spec.loader.exec_module(module)
+    module = python_module(path, "rsclip_config")
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config(arg) function")
     config = module.get_config(arg) if arg else module.get_config()
