@@ -375,3 +375,59 @@ def test_16_bit_images_are_stored_as_the_evaluator_reads_them(tmp_path: Path) ->
     rec = next(src[i] for i in range(len(src)) if src[i]["filename"].decode() == "meadow/z16.tif")
     np.testing.assert_array_equal(rec["image"], np.asarray(load_image(manual / "meadow" / "z16.tif")))
     assert rec["image"].min() == 0 and rec["image"].max() == 255
+
+
+# ----------------------------------------------------------------------------- Apache Beam
+
+# What a user passes to `rsclip data tfds --beam-pipeline-options`; in_memory keeps the direct
+# runner in this process (multi_processing works too, see docs/tfds.md, but costs worker start-up).
+BEAM_OPTIONS = "runner=DirectRunner,direct_running_mode=in_memory"
+
+
+def test_beam_build_writes_the_same_records_in_the_same_order(
+        tmp_path: Path, scene_dir: Path, retrieval_dir: Path, data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    beam = pytest.importorskip("apache_beam")
+    made: list[object] = []  # what each split's examples were: PTransforms, not generators
+    examples = tb._SourceTracking._examples
+
+    def spy(self: tb._SourceTracking, items: list, make_example: object) -> object:
+        made.append(out := examples(self, items, make_example))
+        return out
+
+    monkeypatch.setattr(tb._SourceTracking, "_examples", spy)
+    options = tp.beam_pipeline_options(BEAM_OPTIONS)
+    scenes = tp.prepare_dataset("scenes", "custom", tmp_path, scene_dir, beam_options=options)
+    retrieval = tp.prepare_dataset("retrieval", "custom", tmp_path, retrieval_dir, beam_options=options)
+    assert len(made) == 5 and all(isinstance(m, beam.PTransform) for m in made)  # train+test, train+val+test
+    assert scenes.split_sizes == {"train": 31, "test": 10}
+    assert retrieval.split_sizes == {"train": 18, "val": 9, "test": 9}  # 36 entries, split i % 4 by the fixture
+
+    for builder, split_names in (("scenes", ("train", "test")), ("retrieval", sorted(retrieval.split_sizes))):
+        reference = tp.open_prepared(data_dir / f"remoteclip_{builder}" / "custom", builder)
+        on_beam = tp.open_prepared(tmp_path / f"remoteclip_{builder}" / "custom", builder)
+        assert on_beam.metadata["source_fingerprint"] == reference.metadata["source_fingerprint"]
+        for split in split_names:
+            n = reference.images.count(split)
+            assert on_beam.images.count(split) == n > 0
+            for i in range(n):  # every field, image bytes included, record by record
+                got, want = on_beam.images.record(split, i), reference.images.record(split, i)
+                assert sorted(got) == sorted(want)
+                for field in want:
+                    np.testing.assert_array_equal(np.asarray(got[field], dtype=object),
+                                                  np.asarray(want[field], dtype=object), err_msg=f"{split}[{i}]")
+
+
+def test_beam_options_errors_say_what_to_do(tmp_path: Path, scene_dir: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    for bad in ("", " , ", "--runner=DirectRunner", "runner"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            tp.beam_pipeline_options(bad)
+    # Without apache_beam the build stops before writing anything, and says how to install it.
+    monkeypatch.setitem(sys.modules, "apache_beam", None)
+    with pytest.raises(tb.BeamNotInstalledError, match=r'pip install -e "\.\[beam\]"'):
+        tp.beam_pipeline_options("runner=DirectRunner")
+    cfg = tfds.download.DownloadConfig(manual_dir=str(scene_dir), try_download_gcs=False, beam_runner="DirectRunner")
+    with pytest.raises(tb.BeamNotInstalledError, match="apache_beam"):
+        tb.scene_builder("custom", tmp_path).download_and_prepare(download_config=cfg)
+    assert not list(tmp_path.rglob("*.array_record*"))

@@ -15,6 +15,8 @@ TFDS_EPILOG = """examples (run from the repository root):
   rsclip data tfds --builder scenes --source data/samples/scenes --data-dir runs/tfds
   rsclip data tfds --builder retrieval --source data/samples/retrieval --data-dir runs/tfds
   rsclip data tfds --builder scenes --config aid --source /data/AID --data-dir ~/tfds
+  rsclip data tfds --builder scenes --source data/samples/scenes --data-dir runs/tfds_beam \
+      --beam-pipeline-options runner=DirectRunner,direct_num_workers=2
 
 The command prints the prepared dataset's folder; `rsclip eval` reads it as tfds:FOLDER, e.g.
   rsclip eval --checkpoint CKPT --task knn --scenes tfds:runs/tfds/remoteclip_scenes/custom/1.1.0
@@ -50,6 +52,10 @@ def _register_tfds(data_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-fraction", type=float, default=DEFAULT_TRAIN_FRACTION, metavar="F",
                    help=f"scenes without train/ and test/ folders: per-class share that goes to train "
                    f"(default {DEFAULT_TRAIN_FRACTION}); another value gets its own config, e.g. custom_train70")
+    p.add_argument("--beam-pipeline-options", default=None, metavar="OPTS",
+                   help="build as an Apache Beam pipeline with these comma-separated KEY=VALUE options, as "
+                   "`tfds build` takes them, e.g. runner=DirectRunner,direct_num_workers=4 (needs "
+                   "pip install -e \".[beam]\"; Dataflow, Flink and Spark in docs/tfds.md)")
     p.set_defaults(func=run_tfds)
 
 
@@ -58,11 +64,17 @@ def run_tfds(args: argparse.Namespace) -> int:
     if args.builder == "retrieval" and args.train_fraction != DEFAULT_TRAIN_FRACTION:
         raise ValueError("--train-fraction applies to --builder scenes; retrieval splits come from the JSON")
     # tensorflow_datasets takes about a second to import; only this subcommand needs it.
-    from rsclip_jax.data.tfds_prepared import prepare_dataset
+    from rsclip_jax.data.tfds_prepared import beam_pipeline_options, prepare_dataset
 
+    beam_options = None
+    if args.beam_pipeline_options is not None:
+        try:
+            beam_options = beam_pipeline_options(args.beam_pipeline_options)
+        except ValueError as e:
+            raise ValueError(f"--beam-pipeline-options: {e}") from None
     with contextlib.redirect_stdout(sys.stderr):  # tfds prints progress to stdout; stdout is the path alone
         prepared = prepare_dataset(args.builder, args.config, args.data_dir, args.source,
-                                   train_fraction=args.train_fraction)
+                                   train_fraction=args.train_fraction, beam_options=beam_options)
     sizes = ", ".join(f"{split} {n}" for split, n in sorted(prepared.split_sizes.items()))
     what = {"built": "built", "rebuilt": "rebuilt (the source changed)", "reused": "up to date, reused"}
     print(f"{prepared.name}: {what[prepared.action]}; {sizes} records", file=sys.stderr)

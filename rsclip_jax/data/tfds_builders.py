@@ -10,6 +10,9 @@ Two builders read a manual-download directory and write **array_record** files t
   split by each image's `split` field.
 
 Each build records the fingerprint of its source files, so a changed source is rebuilt.
+A build runs in this process, or on Apache Beam when its `DownloadConfig` names a Beam runner
+or pipeline options (`rsclip data tfds --beam-pipeline-options ...`): the same examples, keys and
+record order either way.
 `rsclip_jax.data.tfds_prepared` builds them (`rsclip data tfds`) and reads them back.
 See docs/tfds.md for the layouts, the split rule and what works without TensorFlow.
 """
@@ -17,11 +20,12 @@ See docs/tfds.md for the layouts, the split rule and what works without TensorFl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +35,13 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from rsclip_jax.data.splits import DEFAULT_TRAIN_FRACTION, SceneFolderError, SceneSplit, split_counts, split_scene_folder
+from rsclip_jax.data.splits import (
+    DEFAULT_TRAIN_FRACTION,
+    SceneFolderError,
+    SceneSplit,
+    split_counts,
+    split_scene_folder,
+)
 from rsclip_jax.preprocess import to_rgb
 
 # Encoded bytes in these formats are stored untouched when the image is already 8-bit RGB:
@@ -41,6 +51,13 @@ _PASSTHROUGH_FORMATS = frozenset({"JPEG", "PNG"})
 
 class ManualDirError(FileNotFoundError):
     """The manual-download directory is missing or not laid out as the builder expects."""
+
+
+class BeamNotInstalledError(ValueError):
+    """A Beam build was asked for, but apache_beam does not import."""
+
+
+BEAM_INSTALL_HINT = 'pip install -e ".[beam]" (apache-beam, pinned in requirements-beam.txt)'
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -116,8 +133,50 @@ class _SourceTracking:
     def code_path(cls) -> epath.Path:
         return epath.Path(__file__)
 
+    _on_beam = False
+
+    def download_and_prepare(self, *, download_config: tfds.download.DownloadConfig | None = None,
+                             **kwargs: Any) -> None:
+        """tfds' `download_and_prepare`; on Beam when `download_config` names a runner or options."""
+        self._on_beam = wants_beam(download_config)
+        if self._on_beam:
+            import_beam()  # fail before anything is written, saying how to install it
+        super().download_and_prepare(download_config=download_config, **kwargs)
+
+    def _examples(self, items: list[Any], make_example: Callable[[Any], dict[str, Any]]) -> Any:
+        """The split's `(key, example)` pairs: a generator in this process, or on Beam a PTransform
+        that makes the same pairs on the workers. Keys are the items' positions, and the builders
+        disable shuffling, so record i of a split is item i whichever way it was built.
+        `make_example` must pickle (a module-level function or a partial of one) for Beam."""
+        if not self._on_beam:
+            return ((key, make_example(item)) for key, item in enumerate(items))
+        beam = import_beam()
+        return beam.Create(list(enumerate(items))) | beam.Map(_keyed_example, make_example)
+
     def _record_source(self, root: Path, fingerprint: str, **extra: Any) -> None:
         self.info.metadata.update(source=str(root.resolve()), source_fingerprint=fingerprint, **extra)
+
+
+def wants_beam(download_config: tfds.download.DownloadConfig | None) -> bool:
+    """Whether a build with `download_config` runs on Beam (it names a runner or pipeline options)."""
+    return download_config is not None and (
+        download_config.beam_runner is not None or download_config.beam_options is not None)
+
+
+def import_beam() -> Any:
+    """`apache_beam`, or `BeamNotInstalledError` saying how to install it."""
+    try:
+        import apache_beam as beam  # optional (the beam extra), and seconds to import: only Beam builds need it
+    except ImportError as e:
+        raise BeamNotInstalledError(f"a Beam build needs apache_beam, which does not import ({e}); "
+                                    f"install it with {BEAM_INSTALL_HINT}") from None
+    return beam
+
+
+def _keyed_example(key_item: tuple[int, Any], make_example: Callable[[Any], dict[str, Any]]
+                   ) -> tuple[int, dict[str, Any]]:
+    key, item = key_item
+    return key, make_example(item)
 
 
 def expand_user(path: str | Path) -> str:
@@ -200,7 +259,7 @@ class RemoteclipScenes(_SourceTracking, tfds.core.GeneratorBasedBuilder):
         """Fingerprint of the images a build from `root` reads (paths, sizes, mtimes) and its split rule."""
         return _scene_fingerprint(scene_split(root, self.builder_config.train_fraction))
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         cfg: SceneConfig = self.builder_config
         root = Path(dl_manager.manual_dir)
         split = scene_split(root, cfg.train_fraction)
@@ -212,12 +271,17 @@ class RemoteclipScenes(_SourceTracking, tfds.core.GeneratorBasedBuilder):
         self.info.features["label"].names = split.classes
         self._record_source(root, _scene_fingerprint(split), split_rule=split.rule,
                             train_fraction=cfg.train_fraction)
-        return {"train": self._generate_examples(root, split.train),
-                "test": self._generate_examples(root, split.test)}
+        example = functools.partial(scene_example, root)
+        return {"train": self._examples(split.train, example), "test": self._examples(split.test, example)}
 
-    def _generate_examples(self, root: Path, items: list[tuple[str, int]]) -> Iterator[tuple[int, dict[str, Any]]]:
-        for key, (rel, label) in enumerate(items):
-            yield key, {"image": encode_image(root / rel), "label": label, "filename": rel}
+    def _generate_examples(self, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+        raise NotImplementedError("_split_generators returns the examples of each split (see _examples)")
+
+
+def scene_example(root: Path, item: tuple[str, int]) -> dict[str, Any]:
+    """The record of scene `item` = (path relative to `root`, label)."""
+    rel, label = item
+    return {"image": encode_image(root / rel), "label": label, "filename": rel}
 
 
 def _scene_fingerprint(split: SceneSplit) -> str:
@@ -292,7 +356,7 @@ class RemoteclipRetrieval(_SourceTracking, tfds.core.GeneratorBasedBuilder):
         json_path, image_dir, images = self._locate(root)
         return _retrieval_fingerprint(root, json_path, image_dir, images)
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
         root = Path(dl_manager.manual_dir)
         json_path, image_dir, images = self._locate(root)
         by_split: dict[str, list[dict]] = {}
@@ -304,19 +368,24 @@ class RemoteclipRetrieval(_SourceTracking, tfds.core.GeneratorBasedBuilder):
             by_split.setdefault(item["split"], []).append(item)
         self._record_source(root, _retrieval_fingerprint(root, json_path, image_dir, images),
                             annotations=str(json_path.resolve()))
-        return {split: self._generate_examples(image_dir, items) for split, items in sorted(by_split.items())}
+        example = functools.partial(retrieval_example, image_dir)
+        return {split: self._examples(items, example) for split, items in sorted(by_split.items())}
 
-    def _generate_examples(self, image_dir: Path, items: list[dict]) -> Iterator[tuple[int, dict[str, Any]]]:
-        for key, item in enumerate(items):
-            path = image_dir / _entry_path(item)
-            if not path.is_file():
-                raise ManualDirError(f"image {path} (imgid {item['imgid']}) listed in the JSON does not exist")
-            yield key, {
-                "image": encode_image(path),
-                "captions": [s["raw"] for s in item["sentences"]],
-                "filename": item["filename"],
-                "imgid": item["imgid"],
-            }
+    def _generate_examples(self, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+        raise NotImplementedError("_split_generators returns the examples of each split (see _examples)")
+
+
+def retrieval_example(image_dir: Path, item: dict) -> dict[str, Any]:
+    """The record of Karpathy JSON entry `item`, its image read from `image_dir`."""
+    path = image_dir / _entry_path(item)
+    if not path.is_file():
+        raise ManualDirError(f"image {path} (imgid {item['imgid']}) listed in the JSON does not exist")
+    return {
+        "image": encode_image(path),
+        "captions": [s["raw"] for s in item["sentences"]],
+        "filename": item["filename"],
+        "imgid": item["imgid"],
+    }
 
 
 def _entry_path(item: dict) -> str:

@@ -2,6 +2,7 @@
 
 - `prepare_dataset(kind, name, data_dir, manual_dir)`: build into `data_dir` if needed, rebuild
   when the source folder changed since (what `rsclip data tfds` runs); returns a `Prepared`.
+  `beam_options=` (see `beam_pipeline_options`) builds on Apache Beam instead of in this process.
 - `scene_source` / `retrieval_source`: the same, returning tfds data sources (grain takes them).
 - `open_prepared(path)`: a prepared dataset's folder as a `PreparedDataset`, the records' fields
   and a `RecordImages` reader of their images (what `rsclip eval` reads for `tfds:<path>`).
@@ -30,6 +31,7 @@ from rsclip_jax.data.splits import DEFAULT_TRAIN_FRACTION
 from rsclip_jax.data.tfds_builders import (
     ManualDirError,
     expand_user,
+    import_beam,
     retrieval_builder,
     scene_builder,
 )
@@ -40,10 +42,33 @@ class PreparedDatasetError(ValueError):
     """A folder is not a prepared dataset, or not of the kind asked for; the message names it."""
 
 
-def _download_config(manual_dir: str | Path | None) -> tfds.download.DownloadConfig:
+def beam_pipeline_options(spec: str) -> Any:
+    """Beam `PipelineOptions` from `spec`, comma-separated KEY=VALUE pairs as `tfds build
+    --beam_pipeline_options` takes them, e.g. "runner=DirectRunner,direct_num_workers=2".
+
+    Raises:
+        ValueError: `spec` is empty or a pair is malformed (the message names it and the format).
+        BeamNotInstalledError: apache_beam does not import.
+    """
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    if not pairs:
+        raise ValueError("Beam pipeline options are empty; give comma-separated KEY=VALUE pairs, "
+                         "e.g. runner=DirectRunner,direct_num_workers=2")
+    flags = []
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key or key.startswith("-"):
+            raise ValueError(f"Beam pipeline option {pair!r} is not KEY=VALUE (write runner=DirectRunner, "
+                             "not --runner=DirectRunner); separate pairs with commas")
+        flags.append(f"--{key}={value}")
+    beam = import_beam()
+    return beam.options.pipeline_options.PipelineOptions(flags)
+
+
+def _download_config(manual_dir: str | Path | None, beam_options: Any = None) -> tfds.download.DownloadConfig:
     # try_download_gcs=False: a builder named like a hosted dataset must never fetch prepared data.
     return tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else str(manual_dir),
-                                        try_download_gcs=False)
+                                        try_download_gcs=False, beam_options=beam_options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +96,11 @@ def _manual_dir(builder: tfds.core.DatasetBuilder, manual_dir: str | Path) -> Pa
     return path
 
 
-def _prepare(make: Callable[[], tfds.core.DatasetBuilder], manual_dir: str | Path | None
-             ) -> tuple[tfds.core.DatasetBuilder, str]:
+def _prepare(make: Callable[[], tfds.core.DatasetBuilder], manual_dir: str | Path | None,
+             beam_options: Any = None) -> tuple[tfds.core.DatasetBuilder, str]:
     """Builds if needed, and rebuilds when `manual_dir`'s files differ from those the stored copy
-    was built from. Without `manual_dir` a prepared copy is used as it is."""
+    was built from. Without `manual_dir` a prepared copy is used as it is. A build runs on Beam
+    when `beam_options` (Beam `PipelineOptions`) is given."""
     builder = make()
     if builder.is_prepared():
         if manual_dir is None:
@@ -90,7 +116,7 @@ def _prepare(make: Callable[[], tfds.core.DatasetBuilder], manual_dir: str | Pat
         path.rename(aside)
         try:
             builder = make()
-            builder.download_and_prepare(download_config=_download_config(root))
+            builder.download_and_prepare(download_config=_download_config(root, beam_options))
         except BaseException:
             if not path.exists():
                 aside.rename(path)
@@ -100,7 +126,7 @@ def _prepare(make: Callable[[], tfds.core.DatasetBuilder], manual_dir: str | Pat
     if manual_dir is None:
         raise ManualDirError(f"{builder.info.full_name} is not prepared in {builder.data_dir_root} "
                              "and no manual_dir was given to build it from")
-    builder.download_and_prepare(download_config=_download_config(_manual_dir(builder, manual_dir)))
+    builder.download_and_prepare(download_config=_download_config(_manual_dir(builder, manual_dir), beam_options))
     return builder, "built"
 
 
@@ -110,25 +136,28 @@ def _open(builder: tfds.core.DatasetBuilder, split: str | None, decoders: dict |
 
 
 def prepare_dataset(kind: str, name: str, data_dir: str | Path, manual_dir: str | Path | None = None, *,
-                    train_fraction: float = DEFAULT_TRAIN_FRACTION) -> Prepared:
+                    train_fraction: float = DEFAULT_TRAIN_FRACTION, beam_options: Any = None) -> Prepared:
     """Builds dataset `name` of builder `kind` ("scenes" or "retrieval") into `data_dir` if needed.
 
     A prepared copy is reused unless `manual_dir` is given and its files (paths, sizes, mtimes)
     differ from those the copy was built from; then it is rebuilt. `train_fraction`: scenes only.
+    `beam_options`: Beam `PipelineOptions` (`beam_pipeline_options("runner=...")`); a build then
+    runs as a Beam pipeline and writes the same records in the same order.
 
     Raises:
         ManualDirError: the dataset is not prepared and `manual_dir` is missing or badly laid out.
         ValueError: an unknown `kind`, or an unreadable image (the message names it).
+        BeamNotInstalledError: `beam_options` given, and apache_beam does not import.
     """
     if kind == "scenes":
-        make = lambda: scene_builder(name, data_dir, train_fraction=train_fraction)  # noqa: E731
+        make = lambda: scene_builder(name, data_dir, train_fraction=train_fraction)
     elif kind == "retrieval":
         if train_fraction != DEFAULT_TRAIN_FRACTION:
             raise ValueError("train_fraction applies to scene datasets; retrieval splits come from the JSON")
-        make = lambda: retrieval_builder(name, data_dir)  # noqa: E731
+        make = lambda: retrieval_builder(name, data_dir)
     else:
         raise ValueError(f"unknown builder {kind!r}; expected scenes or retrieval")
-    builder, action = _prepare(make, manual_dir)
+    builder, action = _prepare(make, manual_dir, beam_options)
     sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
     return Prepared(f"{builder.name}/{builder.builder_config.name}:{builder.version}", Path(builder.data_path),
                     action, sizes)
