@@ -106,6 +106,7 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Removes the session's compilation cache (made above)."""
-    if _SESSION_CACHE:
+    """Removes the session's compilation cache (made above). Under pytest-xdist the workers inherit
+    the controller's cache (its environment is theirs), so only the controller removes it, last."""
+    if _SESSION_CACHE and not hasattr(session.config, "workerinput"):
         shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
