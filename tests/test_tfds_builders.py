@@ -389,13 +389,13 @@ def test_beam_build_writes_the_same_records_in_the_same_order(
         monkeypatch: pytest.MonkeyPatch) -> None:
     beam = pytest.importorskip("apache_beam")
     made: list[object] = []  # what each split's examples were: PTransforms, not generators
-    examples = tb._SourceTracking._examples
+    examples = tb._SourceTracking._generate_examples
 
     def spy(self: tb._SourceTracking, items: list, make_example: object) -> object:
         made.append(out := examples(self, items, make_example))
         return out
 
-    monkeypatch.setattr(tb._SourceTracking, "_examples", spy)
+    monkeypatch.setattr(tb._SourceTracking, "_generate_examples", spy)
     options = tp.beam_pipeline_options(BEAM_OPTIONS)
     scenes = tp.prepare_dataset("scenes", "custom", tmp_path, scene_dir, beam_options=options)
     retrieval = tp.prepare_dataset("retrieval", "custom", tmp_path, retrieval_dir, beam_options=options)

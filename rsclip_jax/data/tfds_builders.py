@@ -25,7 +25,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, ClassVar
@@ -143,9 +143,9 @@ class _SourceTracking:
             import_beam()  # fail before anything is written, saying how to install it
         super().download_and_prepare(download_config=download_config, **kwargs)
 
-    def _examples(self, items: list[Any], make_example: Callable[[Any], dict[str, Any]]) -> Any:
-        """The split's `(key, example)` pairs: a generator in this process, or on Beam a PTransform
-        that makes the same pairs on the workers. Keys are the items' positions, and the builders
+    def _generate_examples(self, items: list[Any], make_example: Callable[[Any], dict[str, Any]]) -> Any:
+        """tfds' hook, for both builders: the split's `(key, example)` pairs, a generator in this
+        process, or on Beam a PTransform that makes the same pairs on the workers. Keys are the items' positions, and the builders
         disable shuffling, so record i of a split is item i whichever way it was built.
         `make_example` must pickle (a module-level function or a partial of one) for Beam."""
         if not self._on_beam:
@@ -272,10 +272,8 @@ class RemoteclipScenes(_SourceTracking, tfds.core.GeneratorBasedBuilder):
         self._record_source(root, _scene_fingerprint(split), split_rule=split.rule,
                             train_fraction=cfg.train_fraction)
         example = functools.partial(scene_example, root)
-        return {"train": self._examples(split.train, example), "test": self._examples(split.test, example)}
-
-    def _generate_examples(self, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-        raise NotImplementedError("_split_generators returns the examples of each split (see _examples)")
+        return {"train": self._generate_examples(split.train, example),
+                "test": self._generate_examples(split.test, example)}
 
 
 def scene_example(root: Path, item: tuple[str, int]) -> dict[str, Any]:
@@ -369,10 +367,7 @@ class RemoteclipRetrieval(_SourceTracking, tfds.core.GeneratorBasedBuilder):
         self._record_source(root, _retrieval_fingerprint(root, json_path, image_dir, images),
                             annotations=str(json_path.resolve()))
         example = functools.partial(retrieval_example, image_dir)
-        return {split: self._examples(items, example) for split, items in sorted(by_split.items())}
-
-    def _generate_examples(self, **kwargs: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-        raise NotImplementedError("_split_generators returns the examples of each split (see _examples)")
+        return {split: self._generate_examples(items, example) for split, items in sorted(by_split.items())}
 
 
 def retrieval_example(image_dir: Path, item: dict) -> dict[str, Any]:
