@@ -39,6 +39,8 @@ import jax
 import numpy as np
 
 from rsclip_jax.fileio import atomic_write_json, atomic_write_text
+from rsclip_jax.hostenv import process_env
+from rsclip_jax.models.layers import ATTENTION_IMPLEMENTATIONS
 
 REPO = Path(__file__).resolve().parents[1]
 # bench model name -> (configs/remoteclip.py argument, model.name override or None)
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per side (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     p.add_argument("--remat", default=None, help="override both towers' remat policy (default: the config's)")
-    p.add_argument("--attention", default=None, choices=("xla", "cudnn", "auto"), help="override model.attention")
+    p.add_argument("--attention", default=None, choices=ATTENTION_IMPLEMENTATIONS, help="override model.attention")
     p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                    help="more training-config overrides, e.g. --config model.visual_scan=False")
     p.add_argument("--no-openclip", action="store_true", help="time ours only")
@@ -209,10 +211,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     names = ["rsclip_jax"] + ([] if args.no_openclip else ["open_clip"])
     pipes, workers, ready = {}, [], {}
+    # Both sides start in the environment `rsclip` runs in (malloc on transparent huge pages,
+    # rsclip_jax/hostenv.py; RSCLIP_HUGEPAGE_MALLOC=0 for the C library's defaults): ours, because
+    # that is the step a user gets; open_clip's, so that the two differ only in the framework.
+    side_env = process_env(os.environ)
     for name in names:  # built one after the other, so neither build disturbs the other's compile timing
         parent, child = context.Pipe()
         worker = context.Process(target=_side_process, args=(name, args, child), daemon=True)
-        worker.start()
+        saved_env = dict(os.environ)
+        os.environ.update(side_env)  # a spawned process starts with the parent's environment
+        try:
+            worker.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
         message = parent.recv()
         if message[0] == "unavailable":
             print(f"{name} unavailable ({message[1]}); timing the others only", file=sys.stderr)
@@ -245,7 +257,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "remat": [config.model.visual_remat, config.model.text_remat], "attention": config.model.attention,
         "scan": [config.model.visual_scan, config.model.text_scan],
         "model_flops_per_step": flops.total, "flops_by_tower": dataclasses.asdict(flops),
-        "compile_seconds": compile_seconds, "temp_bytes": temp_bytes, "sides": {},
+        "compile_seconds": compile_seconds, "temp_bytes": temp_bytes,
+        "glibc_tunables": side_env.get("GLIBC_TUNABLES", ""), "sides": {},
     }
     for name, ts in times.items():
         median = statistics.median(ts)
@@ -262,9 +275,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    lines = [f"{r['model']} ({r['architecture']}), batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']}, "
-             f"jax {r['jax']}, {r['date']}; remat {'/'.join(r['remat'])}, attention {r['attention']}; "
-             f"ours compiles in {r['compile_seconds']:.1f} s",
+    lines = [(f"{r['model']} ({r['architecture']}), batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']}, "
+              f"jax {r['jax']}, {r['date']}; remat {'/'.join(r['remat'])}, attention {r['attention']}; "
+              f"ours compiles in {r['compile_seconds']:.1f} s; both sides with "
+              f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset)'}"),
              "", "| side | median s | min s | samples/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for name, s in r["sides"].items():
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "n/a"

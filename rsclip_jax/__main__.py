@@ -2,6 +2,6 @@
 
 import sys
 
-from rsclip_jax.cli import main
+from rsclip_jax.entry import main
 
 sys.exit(main())
