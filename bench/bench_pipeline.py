@@ -148,7 +148,7 @@ def main() -> None:
             bicubic = augment_rate(paths, AugmentConfig(), args.images, args.repeats)
             bilinear = augment_rate(paths, AugmentConfig(interpolation="bilinear"), args.images, args.repeats)
             rows.append(f"| {label} | {raw:,.0f} | {bicubic:,.0f} | {bilinear:,.0f} |")
-            print(rows[-1], flush=True)
+            print(rows[-1], file=sys.stderr, flush=True)  # progress; the table below is the output
         paths = variants["--image-size 256 (JPEG)"]
         loader_rows = []
         for loader in (pipeline.LoaderConfig(read_threads=0), pipeline.LoaderConfig(read_threads=1),
@@ -157,7 +157,7 @@ def main() -> None:
             settings = ", ".join(f"{f.name}={getattr(loader, f.name)}" for f in dataclasses.fields(loader)
                                  if f.name in ("worker_count", "read_threads"))
             loader_rows.append(f"| {settings} | {rate:,.0f} |")
-            print(loader_rows[-1], flush=True)
+            print(loader_rows[-1], file=sys.stderr, flush=True)
 
     shuffle = shuffle_cost_us()
     table = "\n".join([

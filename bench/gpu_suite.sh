@@ -11,7 +11,12 @@
 # 2. Side by side with open_clip (AMP bf16, torch.compile): ViT-B/32 and ViT-B/16 at batch 256,
 #    ViT-L/14 at 128, bf16 (bench/train_step.py). Without torch/open_clip, ours alone.
 # 3. MFU sweep, ours alone: ViT-B/16 over batch size x remat policy.
-# 4. $OUT/summary.md gathers every table; each run also leaves its JSON.
+# 4. Ours alone at the sweep's largest batch: layers unrolled instead of scanned, and the chunked
+#    CLIP and SigLIP losses instead of the all-gather CLIP loss.
+# 5. Evaluation throughput: embedding extraction against a pure forward (bench/eval_throughput.py).
+# 6. The host's input pipeline in images/s (bench/bench_pipeline.py), to set against the steps'
+#    samples/s: the issue allows the real pipeline 5% of step time.
+# 7. $OUT/summary.md gathers every table; each run also leaves its JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=0
@@ -47,10 +52,12 @@ fi
 
 if (( DRY_RUN )); then
   DEVICE=cpu; ROWS=("tiny-ViT 8"); SWEEP_MODEL=tiny-ViT; SWEEP_BATCHES=(8); STEPS=(--steps 2 --warmup 1)
-  COMPILE=()
+  COMPILE=(); CHUNK=4; EVAL=(--batch 8 --images 16 --repeats 1)
+  PIPELINE=(--copies 1 --images 14 --batches 1 --repeats 1)
 else
   DEVICE=gpu; ROWS=("ViT-B-32 256" "ViT-B-16 256" "ViT-L-14 128"); SWEEP_MODEL=ViT-B-16
-  SWEEP_BATCHES=(128 256 512); STEPS=(--steps 10 --warmup 3); COMPILE=(--torch-compile)
+  SWEEP_BATCHES=(256 512); STEPS=(--steps 10 --warmup 3); COMPILE=(--torch-compile)
+  CHUNK=128; EVAL=(--batch 256 --images 2048 --repeats 3); PIPELINE=(--copies 8 --images 600 --batches 8 --repeats 3)
 fi
 
 status=0
@@ -67,9 +74,26 @@ for remat in none dots_saveable full; do
   done
 done
 
+BIG="${SWEEP_BATCHES[-1]}"
+for variant in "unrolled model.visual_scan=False model.text_scan=False" "loss-chunked loss.chunk_size=$CHUNK" \
+               "loss-siglip loss.name=siglip"; do
+  read -r label overrides <<< "$variant"
+  overrides_args=()
+  for kv in $overrides; do overrides_args+=(--config "$kv"); done
+  timeout 180 $PY bench/train_step.py --device "$DEVICE" --model "$SWEEP_MODEL" --batch "$BIG" --dtype bfloat16 \
+    --no-openclip "${STEPS[@]}" "${overrides_args[@]}" --out "$OUT" --label "_$label" \
+    || { echo "[gpu_suite] $label failed" >&2; status=1; }
+done
+timeout 180 $PY bench/eval_throughput.py --model "$SWEEP_MODEL" --dtype bfloat16 "${EVAL[@]}" \
+  --json "$OUT/eval_throughput.json" > "$OUT/eval_throughput.md" || { echo "[gpu_suite] eval throughput failed" >&2; status=1; }
+timeout 300 $PY bench/bench_pipeline.py "${PIPELINE[@]}" > "$OUT/pipeline.md" \
+  || { echo "[gpu_suite] input pipeline failed" >&2; status=1; }
+
 {
   echo "# GPU suite ($(date -u +%Y-%m-%d), $([[ $DRY_RUN == 1 ]] && echo 'dry run on CPU' || echo GPU))"
   for f in "$OUT"/train_step_*.md; do echo; cat "$f"; done
+  echo; echo "## Evaluation throughput ($SWEEP_MODEL, bf16)"; echo; cat "$OUT/eval_throughput.md"
+  echo; echo "## Input pipeline (this host)"; echo; cat "$OUT/pipeline.md"
 } > "$OUT/summary.md"
 echo "[gpu_suite] wrote $OUT/summary.md" >&2
 exit $status

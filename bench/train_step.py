@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "platform": platform.platform(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
         "remat": [config.model.visual_remat, config.model.text_remat], "attention": config.model.attention,
         "scan": [config.model.visual_scan, config.model.text_scan],
+        "loss": config.loss.name, "loss_chunk_size": config.loss.chunk_size,
         "model_flops_per_step": flops.total, "flops_by_tower": dataclasses.asdict(flops),
         "compile_seconds": compile_seconds, "temp_bytes": temp_bytes,
         "glibc_tunables": side_env.get("GLIBC_TUNABLES", ""), "sides": {},

@@ -8,8 +8,8 @@ makes malloc ask for transparent huge pages (`madvise(MADV_HUGEPAGE)`), which ta
 down to about 1,500 per step and the system CPU to 0.3 s (docs/performance.md, "Optimisation log").
 
 glibc reads its tunables only when a process starts, so the `rsclip` command (and
-`python -m rsclip_jax`) restarts itself once with them, before anything heavy is imported, and
-the launcher and the benchmark start their processes with them. A user's own
+`python -m rsclip_jax`, which is what the launcher's processes run) restarts itself once with
+them, before anything heavy is imported; bench/train_step.py starts both of its sides with them. A user's own
 `glibc.malloc.hugetlb` setting is left alone, and `RSCLIP_HUGEPAGE_MALLOC=0` turns all of this off.
 It changes nothing where the C library is not glibc (the tunable is then ignored) or where the
 kernel has transparent huge pages set to `never`.

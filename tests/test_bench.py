@@ -30,3 +30,13 @@ def test_gpu_suite_dry_run_writes_every_table(tmp_path):
         sweep = json.loads((tmp_path / f"train_step_cpu_tiny-ViT_bfloat16_b8_remat-{remat}.json").read_text())
         assert sweep["remat"] == [remat, remat] and list(sweep["sides"]) == ["rsclip_jax"]
         assert sweep["model_flops_per_step"] > 0 and sweep["sides"]["rsclip_jax"]["samples_per_s"] > 0
+    assert sweep["scan"] == [True, True] and sweep["loss"] == "clip" and sweep["loss_chunk_size"] == 0
+    for label, key, value in (("unrolled", "scan", [False, False]), ("loss-chunked", "loss_chunk_size", 4),
+                              ("loss-siglip", "loss", "siglip")):
+        run = json.loads((tmp_path / f"train_step_cpu_tiny-ViT_bfloat16_b8_{label}.json").read_text())
+        assert list(run["sides"]) == ["rsclip_jax"] and run["sides"]["rsclip_jax"]["samples_per_s"] > 0
+        assert run[key] == value
+    extraction = json.loads((tmp_path / "eval_throughput.json").read_text())
+    assert extraction["batch"] == 8 and extraction["ratio"] > 0
+    assert "## Evaluation throughput" in summary and "extraction time / pure" in summary
+    assert "## Input pipeline" in summary and "| LoaderConfig | images/s |" in summary
