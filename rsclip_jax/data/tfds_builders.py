@@ -145,8 +145,9 @@ class _SourceTracking:
 
     def _generate_examples(self, items: list[Any], make_example: Callable[[Any], dict[str, Any]]) -> Any:
         """tfds' hook, for both builders: the split's `(key, example)` pairs, a generator in this
-        process, or on Beam a PTransform that makes the same pairs on the workers. Keys are the items' positions, and the builders
-        disable shuffling, so record i of a split is item i whichever way it was built.
+        process, or on Beam a PTransform that makes the same pairs on the workers. Keys are the
+        items' positions, and the builders disable shuffling, so record i of a split is item i
+        whichever way it was built.
         `make_example` must pickle (a module-level function or a partial of one) for Beam."""
         if not self._on_beam:
             return ((key, make_example(item)) for key, item in enumerate(items))
