@@ -6,7 +6,9 @@
 
 Ours is the step `rsclip train` runs, built the same way (`build_run` + `train_step_for` from the
 training config `configs/remoteclip.py` selects, so remat, scan, attention and the loss are the
-defaults a user gets), on a synthetic batch of uint8 images and token ids. open_clip's step is
+defaults a user gets), on a synthetic batch of uint8 images and token ids (captions of 9 to 40
+tokens; ours trims their padding as `rsclip train` does, `--config data.trim_text_multiple=0`
+keeps all 77). open_clip's step is
 open_clip_train's: forward (autocast bf16 when asked), `ClipLoss`, backward, clip the gradient
 norm at 1, AdamW with the same hyper-parameters, clamp the temperature. Both normalise the uint8
 images inside the step.
@@ -106,12 +108,15 @@ class Ours:
     """rsclip_jax's train step, as `rsclip train` builds it."""
 
     def __init__(self, config: Any, batch: dict[str, np.ndarray]):
-        from rsclip_jax.data.pipeline import to_global_batch  # after the platform is chosen (see main)
+        from rsclip_jax.data.pipeline import to_global_batch, trim_text_padding  # after the platform is chosen
         from rsclip_jax.train.loop import train_step_for
         from rsclip_jax.train.setup import build_run, initial_state
 
         self.run = build_run(config)
         self.state = initial_state(self.run)
+        if config.data.trim_text_multiple:  # as the training loop does with every batch
+            batch = trim_text_padding(batch, config.data.trim_text_multiple)
+        self.text_tokens = batch["tokens"].shape[1]
         self.batch = to_global_batch(batch, self.run.mesh, self.run.batch_axes)
         t0 = time.perf_counter()
         self.step = train_step_for(self.run).lower(self.state, self.batch).compile()
@@ -190,7 +195,8 @@ def _side_process(name: str, args: argparse.Namespace, conn: Any) -> None:
     except ImportError as e:
         conn.send(("unavailable", str(e)))
         return
-    conn.send(("ready", getattr(side, "compile_seconds", None), getattr(side, "temp_bytes", None)))
+    conn.send(("ready", getattr(side, "compile_seconds", None), getattr(side, "temp_bytes", None),
+               getattr(side, "text_tokens", model_config.text.context_length)))
     while conn.recv() == "step":
         conn.send(side())
 
@@ -247,7 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for worker in workers:
         worker.join()
     compile_seconds, temp_bytes = ready["rsclip_jax"][1], ready["rsclip_jax"][2]
-    flops = train_step_flops(model_config, args.batch)
+    flops = train_step_flops(model_config, args.batch)  # at the full context length, as open_clip runs
+    # each side's model FLOPs at the width its text tower ran at (ours trims the captions' padding)
+    side_flops = {name: train_step_flops(model_config, args.batch, ready[name][3]).total for name in times}
     peak = peak_flops_per_device(args.peak_tflops)
     devices = len(jax.devices())
     result: dict[str, Any] = {
@@ -258,15 +266,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "scan": [config.model.visual_scan, config.model.text_scan],
         "loss": config.loss.name, "loss_chunk_size": config.loss.chunk_size,
         "model_flops_per_step": flops.total, "flops_by_tower": dataclasses.asdict(flops),
+        "text_tokens": {name: ready[name][3] for name in times},
+        "trim_text_multiple": config.data.trim_text_multiple,
         "compile_seconds": compile_seconds, "temp_bytes": temp_bytes,
         "glibc_tunables": side_env.get("GLIBC_TUNABLES", ""), "sides": {},
     }
     for name, ts in times.items():
         median = statistics.median(ts)
         side = {"median_s": median, "min_s": min(ts), "times_s": ts, "warmup_s": warm[name],
-                "samples_per_s": args.batch / median, "model_tflops_per_s": flops.total / median / 1e12}
+                "samples_per_s": args.batch / median, "model_tflops_per_s": side_flops[name] / median / 1e12}
         if peak:
-            side["mfu"] = flops.total / median / (peak * devices)
+            side["mfu"] = side_flops[name] / median / (peak * devices)
         result["sides"][name] = side
     if "open_clip" in times:
         ratios = [b / a for a, b in zip(times["rsclip_jax"], times["open_clip"])]
@@ -279,7 +289,9 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [(f"{r['model']} ({r['architecture']}), batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']}, "
               f"jax {r['jax']}, {r['date']}; remat {'/'.join(r['remat'])}, attention {r['attention']}; "
               f"ours compiles in {r['compile_seconds']:.1f} s; both sides with "
-              f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset)'}"),
+              f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset)'}; text tokens per caption: "
+              + ", ".join(f"{name} {n}" for name, n in r["text_tokens"].items())
+              + f" (data.trim_text_multiple={r['trim_text_multiple']})"),
              "", "| side | median s | min s | samples/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
     for name, s in r["sides"].items():
         mfu = f"{100 * s['mfu']:.1f}%" if "mfu" in s else "n/a"

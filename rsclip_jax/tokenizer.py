@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as _HFTokenizer
 SOT_TOKEN_ID = 49406
 EOT_TOKEN_ID = 49407
 CONTEXT_LENGTH = 77
+PAD_TOKEN_ID = 0  # what rows are filled with after EOT, as open_clip
 VOCAB_SIZE = 49408
 _SPECIALS = {"<start_of_text>": SOT_TOKEN_ID, "<end_of_text>": EOT_TOKEN_ID}
 _NUM_MERGES = 49152 - 256 - 2  # open_clip keeps merges lines[1:49152-256-2+1]
@@ -182,3 +183,22 @@ def get_tokenizer() -> Tokenizer:
 def tokenize(texts: str | Sequence[str], context_length: int = CONTEXT_LENGTH) -> np.ndarray:
     """``open_clip.tokenize`` equivalent returning an int32 numpy array."""
     return get_tokenizer()(texts, context_length)
+
+
+def trimmed_length(tokens: np.ndarray, multiple: int = 8) -> int:
+    """The width that keeps every non-padding token of ``tokens`` (N, T): the last such column + 1,
+    rounded up to a multiple of ``multiple`` and capped at T.
+
+    Dropping the trailing all-padding columns changes no text feature: CLIP's text tower is
+    causal and pools at or before a row's last token, so no kept position attends to a dropped
+    one. Rounding up bounds how many shapes a jitted step is compiled for (T / multiple at most).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (N, T), got shape {tokens.shape}")
+    multiple = operator.index(multiple)
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    used = np.flatnonzero(np.any(tokens != PAD_TOKEN_ID, axis=0))
+    last = int(used[-1]) + 1 if used.size else 1
+    return min(tokens.shape[1], -(-last // multiple) * multiple)

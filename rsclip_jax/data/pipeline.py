@@ -43,7 +43,7 @@ from PIL import Image
 from rsclip_jax.data import shards
 from rsclip_jax.data.augment import AugmentConfig, decode_and_augment
 from rsclip_jax.preprocess import preprocess_image
-from rsclip_jax.tokenizer import CONTEXT_LENGTH, get_tokenizer
+from rsclip_jax.tokenizer import CONTEXT_LENGTH, get_tokenizer, trimmed_length
 
 # A corrupt record is replaced by the next readable one among this many (more: the shards are broken).
 MAX_SUBSTITUTE_TRIES = 16
@@ -283,6 +283,20 @@ def eval_dataset(
     num_batches = -(-largest_share // batch_size)
     ds = grain.MapDataset.range(num_batches * batch_size).map(_EvalExample(paths, image_size, start, end - start))
     return _to_iter_dataset(ds.batch(batch_size, batch_fn=_Collate(context_length)), loader)
+
+
+def trim_text_padding(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """``batch`` with its "tokens" cut to `trimmed_length` (the same features, less work).
+
+    Only in a single-process run: a global batch needs one width on every process, and agreeing
+    on it every step would be a collective the host waits on, which stops it from preparing the
+    next batch while the device runs (docs/training.md, "Caption padding").
+    """
+    if jax.process_count() > 1:
+        return batch
+    tokens = batch["tokens"]
+    width = trimmed_length(tokens, multiple)
+    return batch if width == tokens.shape[1] else {**batch, "tokens": tokens[:, :width]}
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh,

@@ -105,11 +105,18 @@ class CLIP(nnx.Module):
         return l2_normalize(x) if normalize else x
 
     def encode_text(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
-        """Text features from token ids (B, context_length), pooled at the end-of-text token."""
+        """Text features from token ids (B, T), pooled at the end-of-text token.
+
+        T is the context length, or fewer when trailing all-padding columns have been trimmed
+        (`rsclip_jax.tokenizer.trim_padding`): the causal mask makes every position up to the
+        pooled one independent of what comes after it, so the features are the same.
+        """
         ctx = self.config.text.context_length
-        if tokens.ndim != 2 or tokens.shape[1] != ctx:
-            raise ValueError(f"expected tokens of shape (B, {ctx}), got {tokens.shape}")
-        x = jnp.take(self.token_embedding[...], tokens, axis=0) + self.positional_embedding[...]
+        if tokens.ndim != 2 or not 0 < tokens.shape[1] <= ctx:
+            raise ValueError(f"expected tokens of shape (B, T) with 0 < T <= {ctx} (the context length), "
+                             f"got {tokens.shape}")
+        positions = self.positional_embedding[...][: tokens.shape[1]]
+        x = jnp.take(self.token_embedding[...], tokens, axis=0) + positions
         x = self.ln_final(self.transformer(x))
         pooled = jnp.take_along_axis(x, self._pool_index(tokens)[:, None, None], axis=1)[:, 0]
         x = mm(pooled, self.text_projection[...], self.dtype, "bd,de->be").astype(jnp.float32)

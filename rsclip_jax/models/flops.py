@@ -65,9 +65,14 @@ def resnet_forward_flops(v: VisionConfig, embed_dim: int) -> int:
     return flops
 
 
-def text_forward_flops(t: TextConfig, embed_dim: int) -> int:
-    """Forward FLOPs of one caption through the text transformer (embedding lookups are free)."""
-    return t.layers * _transformer_layer(t.context_length, t.width, mlp_width(t.width, t.mlp_ratio)) + 2 * t.width * embed_dim
+def text_forward_flops(t: TextConfig, embed_dim: int, tokens: int | None = None) -> int:
+    """Forward FLOPs of one caption through the text transformer (embedding lookups are free).
+
+    ``tokens``: the width the tower runs at, when trailing padding was trimmed (default: the
+    context length).
+    """
+    width = t.context_length if tokens is None else tokens
+    return t.layers * _transformer_layer(width, t.width, mlp_width(t.width, t.mlp_ratio)) + 2 * t.width * embed_dim
 
 
 @dataclass(frozen=True)
@@ -83,16 +88,20 @@ class StepFlops:
         return self.image_tower + self.text_tower + self.loss
 
 
-def forward_flops_per_pair(config: CLIPConfig) -> tuple[int, int]:
-    """(image tower, text tower) forward FLOPs for one image and one caption."""
+def forward_flops_per_pair(config: CLIPConfig, text_tokens: int | None = None) -> tuple[int, int]:
+    """(image tower, text tower) forward FLOPs for one image and one caption of `text_tokens` tokens."""
     v = config.vision
     image = resnet_forward_flops(v, config.embed_dim) if v.is_resnet else vit_forward_flops(v, config.embed_dim)
-    return image, text_forward_flops(config.text, config.embed_dim)
+    return image, text_forward_flops(config.text, config.embed_dim, text_tokens)
 
 
-def train_step_flops(config: CLIPConfig, global_batch: int) -> StepFlops:
-    """Model FLOPs of a contrastive train step (forward + backward) over `global_batch` pairs."""
-    image, text = forward_flops_per_pair(config)
+def train_step_flops(config: CLIPConfig, global_batch: int, text_tokens: int | None = None) -> StepFlops:
+    """Model FLOPs of a contrastive train step (forward + backward) over `global_batch` pairs.
+
+    ``text_tokens``: the width the text tower runs at when the step's captions were trimmed
+    (`rsclip_jax.tokenizer.trimmed_length`); the default is the full context length.
+    """
+    image, text = forward_flops_per_pair(config, text_tokens)
     loss = 2 * global_batch * global_batch * config.embed_dim
     k = TRAIN_FLOPS_FACTOR
     return StepFlops(k * global_batch * image, k * global_batch * text, k * loss)

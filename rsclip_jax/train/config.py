@@ -80,6 +80,10 @@ def default_config() -> ml_collections.ConfigDict:
     # the first, naming its shard and index; N > 0 replaces each by the next readable record, logs
     # it, counts it (metric corrupt_records) and stops once more than N were met since the run started.
     c.data.skip_corrupt = 0
+    # Cut each batch's captions after their last non-padding token, rounded up to a multiple of
+    # this (0: keep the full context length); single-process runs only. Exact: the text tower is
+    # causal and pools at a row's end-of-text token. Each width compiles the step once.
+    c.data.trim_text_multiple = 8
     c.data.crop_scale_min = 0.9  # RandomResizedCrop scale range, as OpenCLIP's train default
     c.data.crop_scale_max = 1.0
     c.data.hflip = True  # remote-sensing scenes have no canonical orientation
@@ -165,6 +169,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigError(f"max_skipped_steps must be >= 0 (0: no limit), got {config.max_skipped_steps}")
     if not 0.0 <= config.get("max_skipped_fraction", 0.0) < 1.0:
         raise ConfigError(f"max_skipped_fraction must be in [0, 1) (0: no limit), got {config.max_skipped_fraction}")
+    if config.get("data", {}).get("trim_text_multiple", 0) < 0:
+        raise ConfigError(f"data.trim_text_multiple must be >= 0 (0: no trimming), got "
+                          f"{config.data.trim_text_multiple}")
     if config.get("data", {}).get("skip_corrupt", 0) < 0:
         raise ConfigError(f"data.skip_corrupt must be >= 0 (0: stop at the first corrupt record), got "
                           f"{config.data.skip_corrupt}")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from rsclip_jax.checkpoint.architecture import config_from_record
 from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, MODEL_ITEM, read_json_item
-from rsclip_jax.data.pipeline import to_global_batch
+from rsclip_jax.data.pipeline import to_global_batch, trim_text_padding
 from rsclip_jax.fileio import require_local_path
 from rsclip_jax.models.flops import train_step_flops
 from rsclip_jax.train.checkpointing import Checkpointer
@@ -201,9 +201,12 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     config_dict = config.to_dict()
     preemption = _Preemption(sigint=config.get("preempt_on_sigint", True), on_abort=on_abort)
     step_flops = train_step_flops(run.model_config, config.batch_size)
-    flops, peak = step_flops.total / run.mesh.devices.size, peak_flops_per_device(config.peak_tflops_per_device)
-    _log(f"model FLOPs per step: {step_flops.total:.3e} (image tower {step_flops.image_tower:.3e}, text tower "
-         f"{step_flops.text_tower:.3e}, loss {step_flops.loss:.3e}); peak per device: "
+    peak = peak_flops_per_device(config.peak_tflops_per_device)
+    trim = config.data.get("trim_text_multiple", 0)
+    flops_by_width: dict[int, float] = {}  # model FLOPs per device of a step, by its captions' width
+    _log(f"model FLOPs per step at the full context length: {step_flops.total:.3e} (image tower "
+         f"{step_flops.image_tower:.3e}, text tower {step_flops.text_tower:.3e}, loss {step_flops.loss:.3e}; a step "
+         f"whose captions were trimmed counts its own); peak per device: "
          + (f"{peak / 1e12:g} TFLOP/s, so metrics log mfu" if peak else
             "unknown for this device kind, so no mfu (set --config.peak_tflops_per_device)"))
     # Redraw often on a terminal; in logs (not a TTY) every redraw is a line, so only every 30 s.
@@ -220,11 +223,23 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     last: dict[str, float] = {}
     evals: dict[str, float] = {}
     skipped, ended, saved_step = 0, "completed", None
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0.0, 0
     step = start
     try:
         while step < config.total_steps:
-            batch = to_global_batch(next(data_iter), run.mesh, run.batch_axes)
+            host_batch = next(data_iter)
+            if trim:
+                host_batch = trim_text_padding(host_batch, trim)
+            width = host_batch["tokens"].shape[1]
+            if width not in flops_by_width:
+                flops_by_width[width] = train_step_flops(run.model_config, config.batch_size, width).total \
+                    / run.mesh.devices.size
+                if width < run.model_config.text.context_length:  # a new width compiles the step once more
+                    _log(f"captions trimmed to {width} tokens (data.trim_text_multiple={trim}): the step compiles "
+                         "for this width once")
+            window_flops += flops_by_width[width]
+            window_tokens += width
+            batch = to_global_batch(host_batch, run.mesh, run.batch_axes)
             state, metrics = step_fn(state, batch)
             if step == start:  # first batch, compile, first run (collectives connect): minutes for a large model
                 jax.block_until_ready(metrics)
@@ -268,11 +283,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
             if log:
                 elapsed = time.perf_counter() - window_start
-                last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, flops, peak, skipped)
+                last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, window_flops, peak,
+                                     skipped)
+                last["text_tokens"] = window_tokens / window_steps
                 if skip_corrupt:
                     last["corrupt_records"] = int(corrupt_total)
                 writer.write(step, last)
-                window_start, window_steps = time.perf_counter(), 0
+                window_start, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0.0, 0
             step_evals = None
             if evaluate:
                 with heartbeat.keepalive("eval"):
@@ -313,15 +330,16 @@ def _check_skip_limits(config: ml_collections.ConfigDict, skipped: int, steps: i
 
 
 def _step_metrics(metrics: dict[str, Any], step: int, steps: int, seconds: float, batch_size: int,
-                  flops: float | None, peak: float | None, skipped: int) -> dict[str, float]:
+                  window_flops: float, peak: float | None, skipped: int) -> dict[str, float]:
+    """The metrics.jsonl record of a log window of `steps` steps; `window_flops`: their model FLOPs per device."""
     out = {k: float(metrics[k]) for k in ("loss", "grad_norm", "lr", "logit_scale")}
     out["step"] = step
     out["samples_per_sec"] = batch_size * steps / max(seconds, 1e-9)
     out["skipped_steps"] = skipped
-    if flops:
-        out["tflops_per_device"] = flops * steps / max(seconds, 1e-9) / 1e12
+    if window_flops:
+        out["tflops_per_device"] = window_flops / max(seconds, 1e-9) / 1e12
         if peak:
-            out["mfu"] = flops * steps / max(seconds, 1e-9) / peak
+            out["mfu"] = window_flops / max(seconds, 1e-9) / peak
     return out
 
 
