@@ -108,7 +108,7 @@ class CLIP(nnx.Module):
         """Text features from token ids (B, T), pooled at the end-of-text token.
 
         T is the context length, or fewer when trailing all-padding columns have been trimmed
-        (`rsclip_jax.tokenizer.trim_padding`): the causal mask makes every position up to the
+        (`rsclip_jax.tokenizer.trimmed_length`): the causal mask makes every position up to the
         pooled one independent of what comes after it, so the features are the same.
         """
         ctx = self.config.text.context_length
