@@ -64,7 +64,7 @@ def _loss(model, images, tokens):
         return -(jnp.mean(jax.nn.log_softmax(logits)[labels, labels])
                  + jnp.mean(jax.nn.log_softmax(logits.T)[labels, labels])) / 2
 
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)  # compiled: op by op, the tiny model takes half a minute
 
 
 def test_trimmed_features_and_gradients_equal_the_full_width():
