@@ -87,6 +87,26 @@ def train_shards(tmp_path_factory: pytest.TempPathFactory, tiles: list[Path]) ->
     return root / "shards"
 
 
+def contrastive_loss_and_grads(model, images, tokens, jit: bool = False):
+    """The symmetric CLIP loss of `model` on one batch, and its gradient with respect to every
+    parameter; `jit` compiles them (op by op, even the tiny model's gradient takes seconds)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        img, txt, scale = nnx.merge(graphdef, p, rest)(images, tokens)
+        logits = scale * img @ txt.T
+        labels = jnp.arange(logits.shape[0])
+        return -(jnp.mean(jax.nn.log_softmax(logits)[labels, labels])
+                 + jnp.mean(jax.nn.log_softmax(logits.T)[labels, labels])) / 2
+
+    value_and_grad = jax.value_and_grad(loss)
+    return (jax.jit(value_and_grad) if jit else value_and_grad)(params)
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The README demo's model: configs/demo.py trained for its full 300 steps on the bundled samples

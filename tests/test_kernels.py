@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import contrastive_loss_and_grads
 
 from rsclip_jax.models import create_model
 from rsclip_jax.models.layers import mm, resolve_attention
@@ -42,19 +42,6 @@ def test_bf16_matmul_backward_matches_autodiff(spec, x_shape, w_shape):
         np.testing.assert_allclose(a, exact, rtol=0, atol=0.02 * float(jnp.abs(exact).max()))
 
 
-def _loss_and_grads(model, images, tokens):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        img, txt, scale = nnx.merge(graphdef, p, rest)(images, tokens)
-        logits = scale * img @ txt.T
-        labels = jnp.arange(logits.shape[0])
-        return -(jnp.mean(jax.nn.log_softmax(logits)[labels, labels]) +
-                 jnp.mean(jax.nn.log_softmax(logits.T)[labels, labels])) / 2
-
-    return jax.value_and_grad(loss)(params)
-
-
 def _batch(size=64, n=4):
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((n, size, size, 3)), jnp.float32)
@@ -65,8 +52,8 @@ def _batch(size=64, n=4):
 
 def test_bf16_model_gradients_follow_float32():
     images, tokens = _batch()
-    loss32, g32 = _loss_and_grads(create_model("tiny-ViT", seed=1), images, tokens)
-    loss16, g16 = _loss_and_grads(create_model("tiny-ViT", seed=1, dtype="bfloat16"), images, tokens)
+    loss32, g32 = contrastive_loss_and_grads(create_model("tiny-ViT", seed=1), images, tokens)
+    loss16, g16 = contrastive_loss_and_grads(create_model("tiny-ViT", seed=1, dtype="bfloat16"), images, tokens)
     assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
     for (path, a), b in zip(jax.tree.leaves_with_path(g16), jax.tree.leaves(g32)):
         a, b = np.ravel(a), np.ravel(b)
@@ -84,7 +71,7 @@ def test_attention_auto_is_xla_on_cpu_and_equal():
     images, tokens = _batch()
     auto = create_model("tiny-ViT", seed=2, attention="auto")
     xla = create_model("tiny-ViT", seed=2, attention="xla")
-    for a, b in zip(_loss_and_grads(auto, images, tokens), _loss_and_grads(xla, images, tokens)):
+    for a, b in zip(contrastive_loss_and_grads(auto, images, tokens), contrastive_loss_and_grads(xla, images, tokens)):
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
             np.testing.assert_array_equal(x, y)
 
@@ -108,7 +95,7 @@ def test_cudnn_attention_matches_xla_on_gpu():
     images, tokens = _batch()
     cudnn = create_model("tiny-ViT", seed=3, dtype="bfloat16", attention="cudnn")
     xla = create_model("tiny-ViT", seed=3, dtype="bfloat16", attention="xla")
-    (l1, g1), (l2, g2) = _loss_and_grads(cudnn, images, tokens), _loss_and_grads(xla, images, tokens)
+    (l1, g1), (l2, g2) = contrastive_loss_and_grads(cudnn, images, tokens), contrastive_loss_and_grads(xla, images, tokens)
     assert float(l1) == pytest.approx(float(l2), rel=1e-2)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=0, atol=0.03 * float(np.abs(b).max()) + 1e-6)

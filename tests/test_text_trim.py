@@ -4,19 +4,18 @@ and gradients are those of the full 77-token step (docs/training.md, "Caption pa
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from conftest import SAMPLES, contrastive_loss_and_grads
 
 from rsclip_jax.data.pipeline import trim_text_padding
 from rsclip_jax.models import create_model
 from rsclip_jax.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, tokenize, trimmed_length
 
-CAPTIONS = Path(__file__).resolve().parents[1] / "data" / "samples" / "train" / "captions.csv"
+CAPTIONS = SAMPLES / "train" / "captions.csv"
 
 
 def _demo_tokens(n: int | None = None) -> np.ndarray:
@@ -54,19 +53,6 @@ def test_trim_text_padding_cuts_tokens_only():
     assert trim_text_padding(full, 8) is full
 
 
-def _loss(model, images, tokens):
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        img, txt, scale = nnx.merge(graphdef, p, rest)(images, tokens)
-        logits = scale * img @ txt.T
-        labels = jnp.arange(logits.shape[0])
-        return -(jnp.mean(jax.nn.log_softmax(logits)[labels, labels])
-                 + jnp.mean(jax.nn.log_softmax(logits.T)[labels, labels])) / 2
-
-    return jax.jit(jax.value_and_grad(loss))(params)  # compiled: op by op, the tiny model takes half a minute
-
-
 def test_trimmed_features_and_gradients_equal_the_full_width():
     model = create_model("tiny-ViT", seed=4)
     tokens = _demo_tokens(6)
@@ -79,8 +65,8 @@ def test_trimmed_features_and_gradients_equal_the_full_width():
     assert not np.allclose(cut, full_text, atol=1e-3)
 
     images = jnp.asarray(np.random.default_rng(0).standard_normal((6, 64, 64, 3)), jnp.float32)
-    loss_full, grads_full = _loss(model, images, jnp.asarray(tokens))
-    loss_trim, grads_trim = _loss(model, images, jnp.asarray(trimmed))
+    loss_full, grads_full = contrastive_loss_and_grads(model, images, jnp.asarray(tokens), jit=True)
+    loss_trim, grads_trim = contrastive_loss_and_grads(model, images, jnp.asarray(trimmed), jit=True)
     assert float(loss_trim) == pytest.approx(float(loss_full), rel=1e-6)
     flat_full, flat_trim = jax.tree.leaves(grads_full), jax.tree.leaves(grads_trim)
     assert len(flat_full) == len(flat_trim)
