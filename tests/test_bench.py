@@ -1,4 +1,4 @@
-"""bench/gpu_suite.sh --dry-run: the GPU suite's every step, on CPU with tiny shapes.
+"""bench/gpu_suite.sh --dry-run: the GPU suite's every step, on CPU with tiny shapes; and bench/refault.py.
 
 The suite is the one prepared script a GPU session runs; this keeps it working between those
 sessions. Nothing here is timed: the assertions are on what the suite writes.
@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_suite_dry_run_writes_every_table(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "bench/gpu_suite.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
     assert "dry run on CPU" in summary
@@ -40,3 +40,18 @@ def test_gpu_suite_dry_run_writes_every_table(tmp_path):
     assert extraction["batch"] == 8 and extraction["ratio"] > 0
     assert "## Evaluation throughput" in summary and "extraction time / pure" in summary
     assert "## Input pipeline" in summary and "| LoaderConfig | images/s |" in summary
+
+
+def test_refault_probe_measures_every_round_and_rejects_bad_gaps(tmp_path):
+    out = tmp_path / "refault.json"
+    proc = subprocess.run([sys.executable, "bench/refault.py", "--mib", "16", "--gaps", "0,0,0.2", "--no-huge",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["gap_s"] for r in result["rounds"]] == [0, 0, 0.2] and result["huge"] is False
+    # every round maps fresh memory, so it faults at least once per 2 MiB, whatever the page size
+    assert all(r["seconds"] > 0 and r["minor_faults"] >= 8 for r in result["rounds"])
+    assert "| idle gap s | touch s |" in proc.stdout and "median touch after an idle gap" in proc.stdout
+    bad = subprocess.run([sys.executable, "bench/refault.py", "--gaps", "0,soon"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "--gaps '0,soon'" in bad.stderr
