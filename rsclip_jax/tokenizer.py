@@ -200,5 +200,21 @@ def trimmed_length(tokens: np.ndarray, multiple: int = 8) -> int:
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
     used = np.flatnonzero(np.any(tokens != PAD_TOKEN_ID, axis=0))
-    last = int(used[-1]) + 1 if used.size else 1
-    return min(tokens.shape[1], -(-last // multiple) * multiple)
+    return padded_width(int(used[-1]) + 1 if used.size else 1, multiple, tokens.shape[1])
+
+
+def padded_width(longest: int, multiple: int, context_length: int = CONTEXT_LENGTH) -> int:
+    """``longest`` tokens rounded up to a multiple of ``multiple``, capped at ``context_length``:
+    the width `trimmed_length` cuts a batch to, and a multi-process run cuts every batch to."""
+    return min(context_length, -(-max(longest, 1) // multiple) * multiple)
+
+
+def max_token_count(texts: Iterable[str], context_length: int = CONTEXT_LENGTH, chunk: int = 4096) -> int:
+    """The most tokens any of ``texts`` takes (SOT and EOT included, at most ``context_length``),
+    counted by this tokenizer as training tokenizes them; 0 for no texts."""
+    texts, longest = list(texts), 0
+    for start in range(0, len(texts), chunk):
+        rows = get_tokenizer()(texts[start : start + chunk], context_length)
+        # a row ends at its EOT: counting non-zero ids would miss "!", whose id is the padding's 0
+        longest = max(longest, int(np.max(np.argmax(rows == EOT_TOKEN_ID, axis=1))) + 1)
+    return longest

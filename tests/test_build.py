@@ -266,12 +266,12 @@ def test_resume_skips_finished_shards_and_matches_a_clean_build(tmp_path, monkey
     rows[0] = (rows[0][0], "a new caption")
     _write_csv(csv_path, rows)
     written.clear()
-    build(config)
+    rebuilt = build(config).manifest
     assert written == ["shard-00000-of-00004.array_record"]
 
     monkeypatch.undo()  # worker processes need the real, picklable job
     clean = build(dataclasses.replace(config, out_dir=str(tmp_path / "clean"), workers=2)).manifest
-    assert resumed["shards"] == clean["shards"] and resumed["written"] == 7
+    assert rebuilt["shards"] == clean["shards"] and resumed["written"] == rebuilt["written"] == 7
     assert _records(tmp_path / "out") == _records(tmp_path / "clean")
 
 

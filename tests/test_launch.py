@@ -11,6 +11,7 @@ The dry runs are compared byte for byte with tests/fixtures/launch/.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,9 @@ from conftest import REPO
 from test_train_loop import _checkpoint_steps, _cmd, _env, _losses
 
 from rsclip_jax.cli import main
+from rsclip_jax.data import shards
 from rsclip_jax.launch.supervisor import Process, Supervisor
+from rsclip_jax.tokenizer import padded_width
 from rsclip_jax.train import distributed, heartbeat
 
 FIXTURES = REPO / "tests" / "fixtures" / "launch"
@@ -83,8 +86,15 @@ def test_local_launch_matches_single_process(train_shards, tmp_path):
     for step in got:
         assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])
     logs = workdir / "logs"
-    assert "[train] started from scratch" in (logs / "process_0.log").read_text()
+    log0 = (logs / "process_0.log").read_text()
+    assert "[train] started from scratch" in log0
     assert "--process-id 1" in (logs / "process_1.log").read_text()  # every process's log is kept
+    # every process cut its captions to the one width the shards' manifest allows (the single
+    # process above trimmed each batch to its own longest caption: same losses)
+    longest = shards.max_caption_tokens(train_shards)
+    assert f"one caption width for every process: the shards' longest caption takes {longest} tokens" in log0
+    with open(workdir / "metrics.jsonl") as f:
+        assert {r["text_tokens"] for r in map(json.loads, f)} == {padded_width(longest, 8)}
 
 
 def _start_long_job(workdir, shards, *flags, overrides=(), ready=None):

@@ -4,24 +4,32 @@ and gradients are those of the full 77-token step (docs/training.md, "Caption pa
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SAMPLES, contrastive_loss_and_grads
+from conftest import REPO, SAMPLES, contrastive_loss_and_grads
 
+from rsclip_jax.data import shards
 from rsclip_jax.data.pipeline import trim_text_padding
 from rsclip_jax.models import create_model
-from rsclip_jax.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, tokenize, trimmed_length
+from rsclip_jax.tokenizer import CONTEXT_LENGTH, EOT_TOKEN_ID, max_token_count, tokenize, trimmed_length
+from rsclip_jax.train.config import load_config
+from rsclip_jax.train.setup import fixed_caption_width
 
 CAPTIONS = SAMPLES / "train" / "captions.csv"
 
 
+def _titles(csv_path) -> list[str]:
+    with open(csv_path, encoding="utf-8") as f:
+        return [row["title"] for row in csv.DictReader(f)]
+
+
 def _demo_tokens(n: int | None = None) -> np.ndarray:
-    with open(CAPTIONS, encoding="utf-8") as f:
-        titles = [row["title"] for row in csv.DictReader(f)]
-    return tokenize(titles[:n])
+    return tokenize(_titles(CAPTIONS)[:n])
 
 
 def test_width_keeps_every_caption_token_rounded_up():
@@ -79,3 +87,35 @@ def test_encode_text_rejects_tokens_wider_than_the_context():
     model = create_model("tiny-ViT", seed=0)
     with pytest.raises(ValueError, match=r"0 < T <= 77"):
         model.encode_text(jnp.zeros((2, 78), jnp.int32))
+
+
+def test_build_manifest_records_the_longest_caption(train_shards, tmp_path):
+    manifest = json.loads((train_shards / "manifest.json").read_text())
+    rows = tokenize(_titles(train_shards.parent / "train.csv"))
+    longest = max(int(np.flatnonzero(row == EOT_TOKEN_ID)[0]) + 1 for row in rows)
+    assert manifest["max_caption_tokens"] == longest and max_token_count(["a field " * 60]) == CONTEXT_LENGTH
+    assert [s["max_caption_tokens"] for s in manifest["shards"]] == [longest] * len(manifest["shards"])
+    assert shards.max_caption_tokens([train_shards, train_shards]) == longest
+    # shards built before the field existed: no width can be promised
+    old = tmp_path / "old"
+    shutil.copytree(train_shards, old)
+    (old / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "max_caption_tokens"}))
+    assert shards.max_caption_tokens(old) is None and shards.max_caption_tokens([train_shards, old]) is None
+
+
+def test_multi_process_run_cuts_every_batch_to_the_manifests_width(train_shards, tmp_path, monkeypatch):
+    config = load_config(str(REPO / "configs" / "demo.py"), [f"--config.data.train={train_shards}"])
+    longest = shards.max_caption_tokens(train_shards)
+    assert fixed_caption_width(config, CONTEXT_LENGTH) == (None, None)  # one process trims batch by batch
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    width = -(-longest // 8) * 8
+    assert fixed_caption_width(config, CONTEXT_LENGTH) == (width, longest) and width < CONTEXT_LENGTH
+    batch = {"images": np.zeros((3, 4, 4, 3), np.uint8), "tokens": tokenize(["a forest", "two ships in a harbour", "x"])}
+    assert trim_text_padding(batch, 8) is batch  # no width agreed: a process cannot trim on its own
+    assert trim_text_padding(batch, 8, width)["tokens"].shape == (3, width)
+    assert fixed_caption_width(config, 16) == (min(width, 16), longest)  # never wider than the model's context
+    too_long = {**batch, "tokens": tokenize(["a field " * 20])}
+    with pytest.raises(ValueError, match=r"takes \d+ tokens, more than the 8 .*max_caption_tokens"):
+        trim_text_padding(too_long, 8, 8)
+    config.data.trim_text_multiple = 0
+    assert fixed_caption_width(config, CONTEXT_LENGTH) == (None, None)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from rsclip_jax.data import shards
 from rsclip_jax.data.build_inputs import BuildConfig, InputImage, reason_kind
 from rsclip_jax.data.build_scan import WORK_DIR
+from rsclip_jax.tokenizer import max_token_count
 
 PART_FORMAT = "rsclip-build-part"
 
@@ -41,7 +42,10 @@ def make_part(config: BuildConfig, share: Sequence[InputImage], skipped: list[tu
         if len(positions) != marker["records"]:
             raise AssertionError(f"internal error: {task['file']} holds {marker['records']} records, "
                                  f"its plan {len(positions)}")
-        part_shards.append({"file": task["file"], "records": marker["records"], "positions": positions})
+        # what a multi-process run trims every caption batch to (docs/training.md, "Caption padding")
+        longest = max_token_count(c for e in task["entries"] if e["position"] not in failed for c in e["captions"])
+        part_shards.append({"file": task["file"], "records": marker["records"], "positions": positions,
+                            "max_caption_tokens": longest})
     skipped_entries.sort(key=lambda e: e["position"])
     sources = {c["source"]: {"inputs": 0, "written": 0, "skipped": 0} for c in head["csvs"]}
     for img in share:
@@ -92,11 +96,15 @@ def manifest_from_parts(parts: Sequence[dict], config: BuildConfig) -> dict:
         "skipped_count": len(skipped),
         "sources": sources,
         "csvs": first["csvs"],
-        "shards": [{"file": s["file"], "records": s["records"]} for p in parts for s in p["shards"]],
+        "shards": [{k: s[k] for k in ("file", "records", "max_caption_tokens") if k in s}
+                   for p in parts for s in p["shards"]],
         "options": {"records_per_shard": config.records_per_shard, "image_size": config.image_size,
                     "reencode_format": config.reencode_format, "jpeg_quality": config.jpeg_quality,
                     "max_pixels": config.max_pixels, "dedup": config.dedup},
     }
+    lengths = [s.get("max_caption_tokens") for s in manifest["shards"]]
+    if lengths and None not in lengths:  # parts written before the field existed leave it out
+        manifest["max_caption_tokens"] = max(lengths)
     if len(parts) > 1:
         manifest["tasks"] = len(parts)
     if "phash_threshold" in first:

@@ -43,7 +43,7 @@ from PIL import Image
 from rsclip_jax.data import shards
 from rsclip_jax.data.augment import AugmentConfig, decode_and_augment
 from rsclip_jax.preprocess import preprocess_image
-from rsclip_jax.tokenizer import CONTEXT_LENGTH, get_tokenizer, trimmed_length
+from rsclip_jax.tokenizer import CONTEXT_LENGTH, PAD_TOKEN_ID, get_tokenizer, trimmed_length
 
 # A corrupt record is replaced by the next readable one among this many (more: the shards are broken).
 MAX_SUBSTITUTE_TRIES = 16
@@ -285,18 +285,30 @@ def eval_dataset(
     return _to_iter_dataset(ds.batch(batch_size, batch_fn=_Collate(context_length)), loader)
 
 
-def trim_text_padding(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
-    """``batch`` with its "tokens" cut to `trimmed_length` (the same features, less work).
+def trim_text_padding(batch: dict[str, np.ndarray], multiple: int, width: int | None = None) -> dict[str, np.ndarray]:
+    """``batch`` with its "tokens" cut to `trimmed_length` (the same features, less work), or to
+    ``width`` when one is given.
 
-    Only in a single-process run: a global batch needs one width on every process, and agreeing
-    on it every step would be a collective the host waits on, which stops it from preparing the
-    next batch while the device runs (docs/training.md, "Caption padding").
+    A global batch needs one width on every process, and agreeing on it every step would be a
+    collective the host waits on, which stops it from preparing the next batch while the device
+    runs. So a multi-process run cuts every batch to one ``width`` fixed at start, from the
+    longest caption the shards' manifests record (`shards.max_caption_tokens`), and without one
+    keeps the batch as it is (docs/training.md, "Caption padding").
+
+    Raises:
+        ValueError: a caption of the batch is longer than ``width``.
     """
-    if jax.process_count() > 1:
-        return batch
     tokens = batch["tokens"]
-    width = trimmed_length(tokens, multiple)
-    return batch if width == tokens.shape[1] else {**batch, "tokens": tokens[:, :width]}
+    if width is None:
+        if jax.process_count() > 1:
+            return batch
+        width = trimmed_length(tokens, multiple)
+    elif width < tokens.shape[1] and np.any(tokens[:, width:] != PAD_TOKEN_ID):
+        longest = trimmed_length(tokens, 1)
+        raise ValueError(f"a caption of this batch takes {longest} tokens, more than the {width} the shards' "
+                         "manifests allow (max_caption_tokens): rebuild the shards with `rsclip data build`, or "
+                         "set --config.data.trim_text_multiple=0 to keep every token")
+    return batch if width >= tokens.shape[1] else {**batch, "tokens": tokens[:, :width]}
 
 
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh,

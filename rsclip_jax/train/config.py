@@ -81,8 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
     # it, counts it (metric corrupt_records) and stops once more than N were met since the run started.
     c.data.skip_corrupt = 0
     # Cut each batch's captions after their last non-padding token, rounded up to a multiple of
-    # this (0: keep the full context length); single-process runs only. Exact: the text tower is
-    # causal and pools at a row's end-of-text token. Each width compiles the step once.
+    # this (0: keep the full context length); a multi-process run cuts every batch to one width,
+    # from the shards' manifests (max_caption_tokens). Exact: the text tower is causal and pools
+    # at a row's end-of-text token. Each width compiles the step once.
     c.data.trim_text_multiple = 8
     c.data.crop_scale_min = 0.9  # RandomResizedCrop scale range, as OpenCLIP's train default
     c.data.crop_scale_max = 1.0

@@ -36,7 +36,7 @@ from rsclip_jax.train.config import check_resume_compatible
 from rsclip_jax.train import heartbeat
 from rsclip_jax.train.evals import TrainingEvals
 from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
-from rsclip_jax.train.setup import Run, build_run, initial_state, train_data
+from rsclip_jax.train.setup import Run, build_run, fixed_caption_width, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
 from rsclip_jax.train.workdir_lock import WorkdirLock
 
@@ -203,6 +203,11 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     step_flops = train_step_flops(run.model_config, config.batch_size)
     peak = peak_flops_per_device(config.peak_tflops_per_device)
     trim = config.data.get("trim_text_multiple", 0)
+    fixed_width, longest = fixed_caption_width(config, run.model_config.text.context_length)
+    if trim and jax.process_count() > 1:
+        _log(f"one caption width for every process: the shards' longest caption takes {longest} tokens" if longest
+             else "captions keep every token in a multi-process run: a training manifest does not record its longest "
+                  "caption (max_caption_tokens); rebuild the shards with `rsclip data build` to trim their padding")
     flops_by_width: dict[int, float] = {}  # model FLOPs per device of a step, by its captions' width
     _log(f"model FLOPs per step at the full context length: {step_flops.total:.3e} (image tower "
          f"{step_flops.image_tower:.3e}, text tower {step_flops.text_tower:.3e}, loss {step_flops.loss:.3e}; a step "
@@ -229,7 +234,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
         while step < config.total_steps:
             host_batch = next(data_iter)
             if trim:
-                host_batch = trim_text_padding(host_batch, trim)
+                host_batch = trim_text_padding(host_batch, trim, fixed_width)
             width = host_batch["tokens"].shape[1]
             if width not in flops_by_width:
                 flops_by_width[width] = train_step_flops(run.model_config, config.batch_size, width).total \

@@ -28,6 +28,7 @@ from rsclip_jax.data.augment import AugmentConfig
 from rsclip_jax.data.pipeline import LoaderConfig, train_dataset
 from rsclip_jax.models import CLIPConfig, create_model, get_model_config
 from rsclip_jax.models.config import config_name, with_sigmoid_head
+from rsclip_jax.tokenizer import padded_width
 from rsclip_jax.train.checkpointing import abstract_with_shardings
 from rsclip_jax.train.optim import learning_rate_schedule, make_optimizer
 from rsclip_jax.train.sharding import BATCH_AXES, make_mesh, state_shardings
@@ -205,6 +206,22 @@ def ensure_train_data(config: ml_collections.ConfigDict) -> None:
         error = error or ("process 0 could not build config.data.train; see its log" if failed else "")
     if error:
         raise ValueError(error)
+
+
+def fixed_caption_width(config: ml_collections.ConfigDict, context_length: int) -> tuple[int | None, int | None]:
+    """(width, longest) for a multi-process run that trims caption padding (`data.trim_text_multiple`).
+
+    Every process must cut its batches to the same width, so the width is fixed at start from the
+    longest caption the training shards' manifests record, rounded up as `trimmed_length` rounds.
+    `longest` is that caption's token count; both are None where a manifest predates the record
+    (the run then keeps every token), and (None, None) for a single process, which trims each batch
+    to its own longest caption instead.
+    """
+    multiple = config.data.get("trim_text_multiple", 0)
+    if not multiple or jax.process_count() == 1:
+        return None, None
+    longest = shards.max_caption_tokens(config.data.train)
+    return (None, None) if longest is None else (padded_width(longest, multiple, context_length), longest)
 
 
 def train_data(config: ml_collections.ConfigDict, image_size: int) -> Any:
