@@ -185,17 +185,21 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: no manifest; is {data_dir} the --out of `rsclip data build`?") from None
 
 
+def _build_dirs(data_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str | os.PathLike]:
+    """One build directory or several, as a list (what `data.train` may hold)."""
+    return [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
+
+
 def max_caption_tokens(data_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> int | None:
     """The most tokens any caption in these build directories takes, from their manifests; None
     when a manifest predates the field (rebuild it with `rsclip data build` to record it)."""
-    dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
-    lengths = [load_manifest(d).get("max_caption_tokens") for d in dirs]
+    lengths = [load_manifest(d).get("max_caption_tokens") for d in _build_dirs(data_dirs)]
     return None if not lengths or None in lengths else max(lengths)
 
 
 def shard_paths(data_dirs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """Absolute paths of the shards listed in the manifests of one or more build directories."""
-    dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
+    dirs = _build_dirs(data_dirs)
     paths = []
     for d in dirs:
         manifest = load_manifest(d)
