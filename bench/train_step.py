@@ -184,9 +184,10 @@ def _side_process(name: str, args: argparse.Namespace, conn: Any) -> None:
     """One side in its own process: build it, then time one step per request from the parent."""
     if args.device == "cpu":
         jax.config.update("jax_platforms", "cpu")
-    from rsclip_jax.train.setup import model_config_from
+    from rsclip_jax.train.setup import apply_cpu_dispatch, model_config_from
 
     config = training_config(args)
+    apply_cpu_dispatch(config)  # as `rsclip train` does, before JAX's backend exists
     model_config = model_config_from(config)
     batch = synthetic_batch(args.batch, model_config.vision.image_size, model_config.text.context_length)
     try:

@@ -60,6 +60,11 @@ def default_config() -> ml_collections.ConfigDict:
     # Peak dense bf16 TFLOP/s of one device, for the logged mfu; 0: known from the device kind
     # (H100, A100, TPU v4/v5e/v5p/v6e, ...), else mfu is not logged (e.g. on CPU).
     c.peak_tflops_per_device = 0.0
+    # A one-device CPU run: False runs each step on the calling thread, whose large buffers glibc
+    # keeps in the heap under rsclip's malloc settings (rsclip_jax/hostenv.py), so XLA's scratch is
+    # reused instead of mapped and faulted in afresh every step (docs/performance.md). True is JAX's
+    # default (dispatch to a worker thread). JAX reads it when its CPU backend is created.
+    c.cpu_async_dispatch = False
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "RemoteCLIP-ViT-B-32"  # registry name (see `rsclip models`)

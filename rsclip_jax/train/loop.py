@@ -31,12 +31,12 @@ from rsclip_jax.checkpoint.workdir import CONFIG_ITEM, MODEL_ITEM, read_json_ite
 from rsclip_jax.data.pipeline import to_global_batch, trim_text_padding
 from rsclip_jax.fileio import require_local_path
 from rsclip_jax.models.flops import train_step_flops
+from rsclip_jax.train import heartbeat
 from rsclip_jax.train.checkpointing import Checkpointer
 from rsclip_jax.train.config import check_resume_compatible
-from rsclip_jax.train import heartbeat
 from rsclip_jax.train.evals import TrainingEvals
 from rsclip_jax.train.metrics import MetricWriter, peak_flops_per_device
-from rsclip_jax.train.setup import Run, build_run, fixed_caption_width, initial_state, train_data
+from rsclip_jax.train.setup import Run, apply_cpu_dispatch, build_run, fixed_caption_width, initial_state, train_data
 from rsclip_jax.train.step import LossConfig, jit_train_step, make_train_step
 from rsclip_jax.train.workdir_lock import WorkdirLock
 
@@ -123,6 +123,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, allow_config_change: 
     Returns a summary: final step, last logged metrics, eval results and how the run ended.
     """
     require_local_path(workdir, "--workdir")
+    apply_cpu_dispatch(config, _log)  # first: the next line creates JAX's backends
     os.makedirs(workdir, exist_ok=True)
     # Only process 0 locks: the others share its workdir (and would refuse each other).
     lock = WorkdirLock(workdir, log=_log).acquire() if jax.process_index() == 0 else None

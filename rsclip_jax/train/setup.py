@@ -15,16 +15,17 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 import optax
 from flax import nnx
+from jax._src import xla_bridge  # backends_are_initialized: whether the CPU client exists yet
+from jax.experimental import multihost_utils
 
 from rsclip_jax.checkpoint import FolderTokenizer, folder_layout, load_state_dict_into, read_weights_source
 from rsclip_jax.checkpoint.transformers_tokenizer import has_tokenizer_files
 from rsclip_jax.checkpoint.workdir import restore_variables, select_step, workdir_model_config
 from rsclip_jax.data import shards
-from rsclip_jax.data.build import BuildConfig, build
 from rsclip_jax.data.augment import AugmentConfig
+from rsclip_jax.data.build import BuildConfig, build
 from rsclip_jax.data.pipeline import LoaderConfig, train_dataset
 from rsclip_jax.models import CLIPConfig, create_model, get_model_config
 from rsclip_jax.models.config import config_name, with_sigmoid_head
@@ -48,6 +49,25 @@ class Run:
     abstract_state: Any  # ShapeDtypeStructs with the target shardings
     shardings: Any
     batch_axes: tuple[str, ...]
+
+
+def apply_cpu_dispatch(config: ml_collections.ConfigDict, log: Any = None) -> None:
+    """Sets JAX's `jax_cpu_enable_async_dispatch` from `config.cpu_async_dispatch`.
+
+    Call it before anything creates JAX's backends (`jax.devices()`, `jax.process_index()`, the
+    first array): the CPU client reads the flag once, when it is created. Where the backends
+    exist already (JAX used earlier in the same process), it changes nothing and says so through
+    `log` when the setting would have differed on CPU. The flag only concerns computations on one
+    CPU device: a multi-device or multi-process CPU step and every GPU or TPU step are unaffected.
+    """
+    want = bool(config.get("cpu_async_dispatch", False))  # default_config()'s
+    initialized = getattr(xla_bridge, "backends_are_initialized", lambda: True)()
+    if not initialized:
+        jax.config.update("jax_cpu_enable_async_dispatch", want)
+    elif log is not None and jax.default_backend() == "cpu" and \
+            bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True)) != want:
+        log(f"cpu_async_dispatch={want} not applied: JAX's CPU backend was created before training started (the "
+            "setting takes effect in a fresh process)")
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> CLIPConfig:
