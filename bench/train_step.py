@@ -270,7 +270,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "text_tokens": {name: ready[name][3] for name in times},
         "trim_text_multiple": config.data.trim_text_multiple,
         "compile_seconds": compile_seconds, "temp_bytes": temp_bytes,
-        "glibc_tunables": side_env.get("GLIBC_TUNABLES", ""), "sides": {},
+        "glibc_tunables": side_env.get("GLIBC_TUNABLES", ""), "cpu_async_dispatch": config.cpu_async_dispatch,
+        "sides": {},
     }
     for name, ts in times.items():
         median = statistics.median(ts)
@@ -290,7 +291,8 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [(f"{r['model']} ({r['architecture']}), batch {r['batch']}, {r['dtype']}, {r['devices']} x {r['device']}, "
               f"jax {r['jax']}, {r['date']}; remat {'/'.join(r['remat'])}, attention {r['attention']}; "
               f"ours compiles in {r['compile_seconds']:.1f} s; both sides with "
-              f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset)'}; text tokens per caption: "
+              f"GLIBC_TUNABLES={r.get('glibc_tunables') or '(unset)'}; ours with cpu_async_dispatch="
+              f"{r.get('cpu_async_dispatch')}; text tokens per caption: "
               + ", ".join(f"{name} {n}" for name, n in r["text_tokens"].items())
               + f" (data.trim_text_multiple={r['trim_text_multiple']})"),
              "", "| side | median s | min s | samples/s | model TFLOP/s | MFU |", "|---|---|---|---|---|---|"]
