@@ -14,7 +14,7 @@ import pytest
 from rsclip_jax.cli import main
 from rsclip_jax.train.compile_plan import EXCEEDS_EXIT_CODE, plan
 from rsclip_jax.train.config import load_config
-from rsclip_jax.train.hlo_collectives import collectives, group_size
+from rsclip_jax.train.hlo_collectives import collectives, group_size, partitioned_dtypes
 from rsclip_jax.train.setup import build_run
 
 from conftest import REPO
@@ -81,6 +81,51 @@ def test_fsdp_gathers_parameters_not_activations():
     assert moved <= 4 * lookup, by
     assert p["memory_per_device_bytes"]["parameters"] * 8 == pytest.approx(
         sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(run.abstract_state.params)), rel=0.01)
+
+
+def test_bf16_fsdp_gathers_parameters_in_bf16_and_reduces_gradients_in_f32():
+    """In bfloat16 compute the partitioner gathers each layer's kernels already cast, half the bytes of
+    float32, and reduces gradients in float32. XLA CPU widens the gathers back to float32 after
+    partitioning; the plan counts what the partitioner chose (what a GPU or TPU moves)."""
+    config = load_config(str(REPO / "configs" / "demo.py"), ["--config.batch_size=64", "--config.mesh.shape=(1,8,1)",
+                                                             "--config.mesh.fsdp_min_size=4096",
+                                                             "--config.model.dtype=bfloat16"])
+    p = plan(config, jax.devices()[:8])
+    run = build_run(config, jax.devices()[:8])
+    sharded = _sharded_bytes(run, run.model_config.text.vocab_size)
+    by = p["collectives_by_payload_bytes"]
+    assert p["collective_dtypes"] == "partitioner" and p["collectives_narrowed_to_partitioner_dtype"] > 0
+    # forward and backward gather each float32 kernel once each, in bfloat16: about 1x its float32 bytes
+    assert 0.45 * sharded <= by["all-gather/parameters"] <= 1.1 * sharded, by
+    gradients = by.get("all-reduce/parameters", 0) + by.get("reduce-scatter/parameters", 0)
+    assert 0.9 * sharded <= gradients <= 1.5 * sharded, by
+    assert any(e["kind"] == "all-gather" and e["payload"].startswith("bf16[") for e in p["largest_collectives"])
+
+
+_PARTITIONED = """
+  %g1 = bf16[8,16]{1,0} all-gather(%a), replica_groups=[1,8]<=[8], dimensions={0}
+  %g2 = f32[4]{0} all-gather(%b), replica_groups=[1,8]<=[8], dimensions={0}
+  %g3 = bf16[4]{0} all-gather(%c), replica_groups=[1,8]<=[8], dimensions={0}
+  %r1 = f32[8,16]{1,0} all-reduce(%d), replica_groups=[1,8]<=[8], to_apply=%add
+"""
+_COMPILED = """HloModule m
+
+ENTRY %main (a: f32[8,16]) -> f32[8,16] {
+  %g = f32[8,16]{1,0} all-gather(%x), replica_groups=[1,8]<=[8], dimensions={0}
+  %h = f32[4]{0} all-gather(%y), replica_groups=[1,8]<=[8], dimensions={0}
+  %r = (f32[8,16]{1,0}, f32[2]{0}) all-reduce(%z, %w), replica_groups=[1,8]<=[8], to_apply=%add
+}
+"""
+
+
+def test_collectives_count_the_partitioners_dtype_only_where_it_is_unambiguous_and_narrower():
+    dtypes = partitioned_dtypes(_PARTITIONED)
+    assert dtypes[("all-gather", (8, 16))] == {"bf16"} and dtypes[("all-gather", (4,))] == {"f32", "bf16"}
+    c = collectives(_COMPILED, partitioned=dtypes)
+    assert c.by_kind["all-gather"] == 8 * 16 * 2 + 4 * 4  # narrowed; ambiguous shape kept in float32
+    assert c.by_kind["all-reduce"] == (8 * 16 + 2) * 4  # the partitioner's float32 (and an unknown shape) kept
+    assert c.narrowed == 1
+    assert collectives(_COMPILED).by_kind["all-gather"] == (8 * 16 + 4) * 4  # without it: as compiled
 
 
 _HLO = """HloModule m

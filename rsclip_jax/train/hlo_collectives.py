@@ -15,6 +15,12 @@ Counting rules, each a way an earlier count went wrong:
 * a `conditional` runs one branch: the branch with the most bytes is counted, not their sum;
 * a combined collective (a tuple of arrays) counts each array.
 
+Payload dtypes: XLA CPU widens bfloat16 collectives to float32 after SPMD partitioning (its
+float normalization: its collectives have no bfloat16 kernels), so a CPU plan's compiled module
+moves twice the bytes a GPU or TPU compile of the same partitioning moves for bf16 parameter
+gathers. Given the module as the partitioner left it (`partitioned_dtypes`), each array is counted
+in the narrower dtype the partitioner chose, where that dtype is unambiguous for its kind and shape.
+
 Every payload is also classified by shape: `parameters` when its element count is that of a
 parameter (whole, or one layer of a stacked one), `embeddings` when it is (batch, embed_dim)-sized
 (the loss gathering every device's embeddings), else `activations/other`. This is a heuristic (a
@@ -27,7 +33,7 @@ import dataclasses
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8,
@@ -46,6 +52,7 @@ class Collectives:
     count: Counter  # kind -> number of executions
     unknown_trip_counts: int  # while loops counted once because XLA recorded no trip count
     largest: list[dict] = dataclasses.field(default_factory=list)  # the biggest collectives, for a reader
+    narrowed: int = 0  # arrays counted in the partitioner's narrower dtype, not the backend's (docstring)
 
     @property
     def total(self) -> int:
@@ -90,17 +97,50 @@ def _computations(hlo: str) -> tuple[dict[str, list[str]], str | None]:
     return computations, entry
 
 
+def _payloads(line: str) -> tuple[str, list[tuple[str, tuple[int, ...]]]] | None:
+    """(kind, arrays) of a collective instruction (the `-done` of an async pair), else None."""
+    op = _OP.search(line)
+    if not op:
+        return None
+    result_type, kind = op.group(1), op.group(2)
+    base = kind.removesuffix("-start").removesuffix("-done")
+    if base not in KINDS or kind.endswith("-start"):
+        return None
+    return base, _full(result_type, group_size(line) if base == "reduce-scatter" else 1)
+
+
+def partitioned_dtypes(hlo: str) -> dict[tuple[str, tuple[int, ...]], set[str]]:
+    """The dtypes each collective kind moves, by array shape, in a module as the SPMD partitioner left
+    it (`--xla_dump_hlo_pass_re=spmd-partitioning`), for `collectives(..., partitioned=...)`."""
+    found: dict[tuple[str, tuple[int, ...]], set[str]] = {}
+    for line in hlo.splitlines():
+        collective = _payloads(line)
+        for dtype, dims in collective[1] if collective else ():
+            found.setdefault((collective[0], dims), set()).add(dtype)
+    return found
+
+
 def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: Iterable[int] = (),
-                largest: int = 12) -> Collectives:
+                largest: int = 12,
+                partitioned: Mapping[tuple[str, tuple[int, ...]], set[str]] | None = None) -> Collectives:
     """Counts the collectives of one step; sizes (element counts) classify payloads (module docstring).
 
     `largest`: how many of the costliest instructions to list (kind, payload type, executions per
-    step, bytes per step and the JAX operation they come from).
+    step, bytes per step and the JAX operation they come from). `partitioned`: the dtypes of the
+    same module before the backend's rewrites (`partitioned_dtypes`); an array is counted in the
+    partitioner's dtype when that is the only one it has for the kind and shape, and narrower.
     """
     params, embeddings = set(parameter_sizes), set(embedding_sizes)
     computations, entry = _computations(hlo)
-    unknown = [0]
+    unknown, narrowed = [0], [0]
     listed: list[dict] = []
+
+    def as_partitioned(kind: str, dtype: str, dims: tuple[int, ...]) -> str:
+        chosen = (partitioned or {}).get((kind, dims), set())
+        if len(chosen) == 1 and _DTYPE_BYTES.get(only := next(iter(chosen)), 99) < _DTYPE_BYTES[dtype]:
+            narrowed[0] += 1
+            return only
+        return dtype
 
     def classify(dims: tuple[int, ...]) -> str:
         n = math.prod(dims)
@@ -113,10 +153,10 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
             op = _OP.search(line)
             if not op:
                 continue
-            result_type, kind = op.group(1), op.group(2)
-            base = kind.removesuffix("-start").removesuffix("-done")
-            if base in KINDS and not kind.endswith("-start"):
-                payload = _full(result_type, group_size(line) if base == "reduce-scatter" else 1)
+            kind, collective = op.group(2), _payloads(line)
+            if collective:
+                base = collective[0]
+                payload = [(as_partitioned(base, dt, dims), dims) for dt, dims in collective[1]]
                 for dtype, dims in payload:
                     out[(base, classify(dims))] += math.prod(dims) * _DTYPE_BYTES[dtype] * trips
                 out[("#", base)] += trips
@@ -152,7 +192,8 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
     for (kind, _), v in by_class.items():
         by_kind[kind] += v
     top = sorted(listed, key=lambda e: e["bytes"], reverse=True)[:largest]
-    return Collectives(by_kind, by_class, Counter({k[1]: v for k, v in raw.items() if k[0] == "#"}), unknown[0], top)
+    return Collectives(by_kind, by_class, Counter({k[1]: v for k, v in raw.items() if k[0] == "#"}), unknown[0], top,
+                       narrowed[0])
 
 
 def _full(type_text: str, scale: int) -> list[tuple[str, tuple[int, ...]]]:
