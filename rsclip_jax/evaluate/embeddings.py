@@ -44,6 +44,7 @@ from tqdm import tqdm
 from rsclip_jax.fileio import atomic_write_npz
 from rsclip_jax.models import CLIP
 from rsclip_jax.models.clip import MAX_LOGIT_SCALE
+from rsclip_jax.models.layers import batch_sharded_activations
 from rsclip_jax.preprocess import ImageReadError, load_image, normalize_images, preprocess_image
 from rsclip_jax.raster import RasterError, is_raster_name, read_image
 from rsclip_jax.tokenizer import get_tokenizer
@@ -353,11 +354,14 @@ class Extractor:
 def _compiled(graphdef: Any, mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
     """The jitted (images, texts) functions of an architecture on a mesh, shared by every Extractor:
     evaluating several checkpoints of one architecture compiles once."""
-    replicated = NamedSharding(mesh, P())
+    replicated, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
     def masked(encode: Callable[[Any, jax.Array], jax.Array]) -> Callable[..., Any]:
         def fn(state: Any, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-            emb = encode(nnx.merge(graphdef, state), x)
+            # As in the train step: with FSDP-sharded weights, XLA would otherwise replicate the batch
+            # inside the layer scan and all-reduce whole activations instead of gathering weights.
+            with batch_sharded_activations(rows):
+                emb = encode(nnx.merge(graphdef, state), x)
             return jnp.where(mask[:, None], emb, 0.0), mask
 
         # Inputs keep the shardings they arrive with (weights as training shards them, batches over
