@@ -140,3 +140,35 @@ def test_init_convert_and_models_entry_point(tmp_path):
         np.testing.assert_array_equal(x, y)
     listed = subprocess.run([sys.executable, "-m", "rsclip_jax", "models"], capture_output=True, text=True, check=True)
     assert "RemoteCLIP-ViT-L-14" in listed.stdout.split() and "ViT-B-32-quickgelu" in listed.stdout.split()
+
+
+def test_help_lists_every_command_without_importing_any():
+    """`rsclip --help` and a mistyped command answer at once: no command module (nor JAX) is imported."""
+    code = ("import sys\nfrom rsclip_jax.cli import main\n"
+            "for argv in (['--help'], ['trian']):\n"
+            "    try:\n        main(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('rsclip_jax.cli.') or m == 'jax'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "['rsclip_jax.cli.commands']", out.stdout
+    assert "exit 0" in out.stdout and "exit 2" in out.stdout
+    from rsclip_jax.cli.commands import COMMAND_HELP
+
+    for name, help_text in COMMAND_HELP.items():
+        assert name in out.stdout and help_text.split()[0] in out.stdout
+    assert "invalid choice: 'trian'" in out.stderr
+
+
+def test_each_command_module_registers_exactly_its_commands_with_their_help():
+    """The table `rsclip --help` reads matches what each module registers (one place for each help)."""
+    import argparse
+
+    from rsclip_jax.cli import build_parser
+    from rsclip_jax.cli.commands import COMMAND_HELP, COMMAND_MODULES
+
+    assert set(COMMAND_HELP) == set(COMMAND_MODULES)
+    for name, module in COMMAND_MODULES.items():
+        sub = next(a for a in build_parser(name)._actions if isinstance(a, argparse._SubParsersAction))
+        assert name in sub.choices
+        registered = {a.dest: a.help for a in sub._choices_actions}
+        assert {c for c, m in COMMAND_MODULES.items() if m == module} == set(registered), module
+        assert registered[name] == COMMAND_HELP[name]

@@ -122,9 +122,11 @@ def _step_faults(dispatch: str, tunables: str) -> int:
 @linux_glibc
 def test_a_step_on_the_main_thread_keeps_its_scratch_between_calls():
     # 4 KiB pages (hugetlb=0, a user's choice process_env keeps) make every refault visible:
-    # 64 MiB of scratch faulted in afresh is about 16,000 faults per call.
+    # 64 MiB of scratch faulted in afresh is about 16,000 faults per call (18,500-19,800 measured).
+    # A call that keeps it still faults 770-800 times here (its outputs, the interpreter): the bound
+    # leaves room for a busier machine (a test session once failed the old bound of 1,000).
     tunables = process_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})["GLIBC_TUNABLES"]
-    assert _step_faults("sync", tunables) < 1_000  # rsclip train's default on CPU: the heap keeps it
+    assert _step_faults("sync", tunables) < 4_000  # rsclip train's default on CPU: the heap keeps it
     assert _step_faults("async", tunables) > 10_000  # XLA's worker thread: mmap'd and unmapped every call
     assert _step_faults("sync", "glibc.malloc.hugetlb=0") > 10_000  # the C library's defaults unmap it too
 

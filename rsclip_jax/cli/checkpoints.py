@@ -16,6 +16,7 @@ from rsclip_jax.checkpoint import (
     save_openclip_dir,
     save_transformers_dir,
 )
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import MODEL_HELP, add_checkpoint_choice_args, check_output_path
 from rsclip_jax.evaluate.probe import embedding_difference
 from rsclip_jax.models import create_model, list_models
@@ -28,17 +29,16 @@ CHECK_TOLERANCE = 1e-4
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the known model architectures")
+    p = sub.add_parser("models", help=COMMAND_HELP["models"])
     p.set_defaults(func=run_models)
 
-    p = sub.add_parser("init", help="write a randomly initialised model as an OpenCLIP checkpoint")
+    p = sub.add_parser("init", help=COMMAND_HELP["init"])
     p.add_argument("--model", required=True, help="architecture name (see `rsclip models`)")
     p.add_argument("--out", required=True, help="output .pt or .safetensors")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_init)
 
-    p = sub.add_parser("convert", help="convert a checkpoint, OpenCLIP/transformers folder or workdir to "
-                       ".pt/.safetensors, an OpenCLIP hub folder or a transformers folder (records the architecture)")
+    p = sub.add_parser("convert", help=COMMAND_HELP["convert"])
     p.add_argument("src", help="input: .pt/.pth/.bin/.safetensors, an OpenCLIP hub folder, a transformers CLIP folder "
                    "or an rsclip training workdir")
     p.add_argument("dst", help="output: .pt (with a .pt.json sidecar) or .safetensors; or a folder with --to")

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import sys
 
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.data import build_cli, caption_cli
 from rsclip_jax.data.splits import DEFAULT_TRAIN_FRACTION
 from rsclip_jax.evaluate.datasets import TFDS_PREFIX
@@ -24,8 +25,7 @@ Run it again after the source folder changed and the dataset is rebuilt. See doc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="caption detection/segmentation datasets, build training shards, "
-                       "prepare TFDS evaluation datasets")
+    p = sub.add_parser("data", help=COMMAND_HELP["data"])
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     caption_cli.register(data_sub)
     build_cli.register(data_sub)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from rsclip_jax.checkpoint import load_checkpoint, save_checkpoint
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.eval import evaluate_checkpoint
 from rsclip_jax.data.build import BuildConfig, build
 from rsclip_jax.evaluate.tasks import make_task
@@ -35,7 +36,7 @@ RETRIEVAL_EVAL = "retrieval"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build data, train and evaluate on the bundled samples (README quick start)")
+    p = sub.add_parser("demo", help=COMMAND_HELP["demo"])
     p.add_argument("--workdir", default="runs/demo", help="where shards, checkpoints, metrics and the model go")
     p.add_argument("--samples", default="data/samples", help="the bundled sample corpus (run from the repo root)")
     p.add_argument("--config", default=DEMO_CONFIG, help="training config (default: configs/demo.py)")

@@ -9,6 +9,7 @@ from importlib import resources
 
 import numpy as np
 
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import (
     add_model_args,
     add_raster_args,
@@ -28,7 +29,7 @@ DEFAULT_TEMPLATES = "remote_sensing.txt"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embed images and/or captions to an .npz file")
+    p = sub.add_parser("embed", help=COMMAND_HELP["embed"])
     add_model_args(p)
     p.add_argument("--images", nargs="+", default=[], help="image files or directories (expanded to their images, sorted)")
     p.add_argument("--texts", default=None, help="UTF-8 text file, one caption per line")
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                   "same --images/--texts/--out, no --task-index; no model is loaded)")
     p.set_defaults(func=run_embed)
 
-    p = sub.add_parser("classify", help="zero-shot classify images with remote-sensing prompt templates")
+    p = sub.add_parser("classify", help=COMMAND_HELP["classify"])
     add_model_args(p)
     p.add_argument("images", nargs="+", help="image files or directories")
     p.add_argument("--labels", required=True, help='comma-separated class names, e.g. "airport,forest,river"')

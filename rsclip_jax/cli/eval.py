@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP, add_checkpoint_choice_args, check_output_path, positive_int
 from rsclip_jax.checkpoint import load_tokenizer
 from rsclip_jax.evaluate.embeddings import default_cache_dir
@@ -37,7 +38,7 @@ TASK_CHOICES = ("zeroshot", "linear_probe", "knn", "fewshot", "retrieval", "coun
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a model: zero-shot, linear probe, k-NN, few-shot, retrieval, counting",
+    p = sub.add_parser("eval", help=COMMAND_HELP["eval"],
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", help=CHECKPOINT_HELP)

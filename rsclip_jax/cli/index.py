@@ -21,6 +21,7 @@ from rsclip_jax.apps.index_store import read_manifest, unlisted_shards
 from rsclip_jax.apps.index_vectors import EXACT_MAX_ROWS
 from rsclip_jax.apps.search import Searcher, hits_to_csv, hits_to_geojson, write_contact_sheet
 from rsclip_jax.argtypes import fraction
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import (
     CHECKPOINT_HELP,
     MODEL_HELP,
@@ -63,7 +64,7 @@ def _input_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="build or extend a text-and-image search index over images and scene tiles")
+    p = sub.add_parser("index", help=COMMAND_HELP["index"])
     isub = p.add_subparsers(dest="index_command", required=True, metavar="ACTION")
 
     b = isub.add_parser("build", help="embed images and scene tiles into a new index folder")
@@ -90,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("index", help="the index folder")
     i.set_defaults(func=run_info)
 
-    s = sub.add_parser("search", help="search an index by text or example image",
+    s = sub.add_parser("search", help=COMMAND_HELP["search"],
                        description="Prints the ranked hits (rank, score, path, window); writes them as GeoJSON/CSV.")
     s.add_argument("index", help="the index folder (rsclip index build --out)")
     s.add_argument("--text", default=None, help='what to find, e.g. "ships in a harbour"')

@@ -22,13 +22,14 @@ import sys
 import tempfile
 
 from rsclip_jax.argtypes import positive_int, seconds
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.fileio import atomic_write_text
 from rsclip_jax.launch import scripts
 from rsclip_jax.launch.supervisor import Process, Supervisor
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("launch", help="run train/eval as a multi-process job: local, SLURM, TPU pod or plain hosts",
+    p = sub.add_parser("launch", help=COMMAND_HELP["launch"],
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
 

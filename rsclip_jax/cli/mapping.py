@@ -11,6 +11,7 @@ from rsclip_jax.argtypes import fraction
 from rsclip_jax.apps.map_accuracy import format_accuracy, map_accuracy, parse_truth_classes
 from rsclip_jax.apps.mapping import DEFAULT_MIN_VALID, PROBS_DTYPES, map_scene
 from rsclip_jax.apps.mapping_outputs import vector_driver
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import (
     add_model_args,
     add_raster_args,
@@ -25,7 +26,7 @@ from rsclip_jax.fileio import atomic_write_json
 from rsclip_jax.raster import open_scene, parse_bands, parse_scale
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("map", help="zero-shot map of a whole scene (GeoTIFF/COG/JP2, band folder, STAC item)")
+    p = sub.add_parser("map", help=COMMAND_HELP["map"])
     add_model_args(p)
     p.add_argument("scene", help="a GeoTIFF/COG/JP2 file, a folder of band files, or a local STAC item .json")
     labels = p.add_mutually_exclusive_group(required=True)

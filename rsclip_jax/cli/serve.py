@@ -14,11 +14,12 @@ import sys
 from rsclip_jax.apps.search import Searcher
 from rsclip_jax.apps.serve import LOOPBACK_NAMES, bind, create_app, is_loopback, serve, url_of
 from rsclip_jax.argtypes import port_number, positive_int, positive_megabytes
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.cli.common import CHECKPOINT_HELP, MODEL_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="a local web page to search an index by text or image, with a map",
+    p = sub.add_parser("serve", help=COMMAND_HELP["serve"],
                        description="Serves a search page over INDEX (built by `rsclip index build`) on "
                                    "http://HOST:PORT/. Pages come from the package (works offline).")
     p.add_argument("index", help="the index folder written by `rsclip index build --out`")

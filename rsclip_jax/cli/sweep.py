@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from rsclip_jax.argtypes import positive_int
 from rsclip_jax.cli import launch as launch_cli
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.launch import sweep_collect
 from rsclip_jax.launch.supervisor import Process
 from rsclip_jax.launch.sweep import (LOG, Run, Sweep, check_records, load_sweep, run_status, train_command,
@@ -34,7 +35,7 @@ LAUNCHERS = ("local", "slurm", "tpu")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="a hyperparameter sweep: many train runs from one sweep file, and their table",
+    p = sub.add_parser("sweep", help=COMMAND_HELP["sweep"],
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="sweep file defining get_sweep(), e.g. configs/sweeps/demo_lr.py")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local",

@@ -13,6 +13,7 @@ import sys
 import jax
 
 from rsclip_jax.argtypes import byte_size, positive_int
+from rsclip_jax.cli.commands import COMMAND_HELP
 from rsclip_jax.fileio import atomic_write_json
 from rsclip_jax.train.compile_plan import (EXCEEDS_EXIT_CODE, GIB, format_plan, plan, topology_devices,
                                            use_simulated_devices)
@@ -25,7 +26,7 @@ from rsclip_jax.train.loop import train
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train (or resume) a CLIP model from a config file",
+        help=COMMAND_HELP["train"],
         description="Overrides: --config.KEY=VALUE, e.g. --config.optim.lr=1e-4 --config.batch_size=512. "
         "Rerunning the same command resumes from the workdir's latest checkpoint.",
     )
