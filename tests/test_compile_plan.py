@@ -14,7 +14,7 @@ import pytest
 from rsclip_jax.cli import main
 from rsclip_jax.train.compile_plan import EXCEEDS_EXIT_CODE, plan
 from rsclip_jax.train.config import load_config
-from rsclip_jax.train.hlo_collectives import collectives, group_size, partitioned_dtypes
+from rsclip_jax.train.hlo_collectives import collectives, group_size
 from rsclip_jax.train.setup import build_run
 
 from conftest import REPO
@@ -115,7 +115,8 @@ def test_eval_embedding_under_fsdp_gathers_parameters_not_activations():
 def test_bf16_fsdp_gathers_parameters_in_bf16_and_reduces_gradients_in_f32():
     """In bfloat16 compute the partitioner gathers each layer's kernels already cast, half the bytes of
     float32, and reduces gradients in float32. XLA CPU widens the gathers back to float32 after
-    partitioning; the plan counts what the partitioner chose (what a GPU or TPU moves)."""
+    partitioning; the plan counts what the partitioner chose (what a GPU or TPU moves), the same
+    when the compile comes from a persistent compilation cache (a plan has no other source)."""
     config = load_config(str(REPO / "configs" / "demo.py"), ["--config.batch_size=64", "--config.mesh.shape=(1,8,1)",
                                                              "--config.mesh.fsdp_min_size=4096",
                                                              "--config.model.dtype=bfloat16"])
@@ -123,7 +124,7 @@ def test_bf16_fsdp_gathers_parameters_in_bf16_and_reduces_gradients_in_f32():
     run = build_run(config, jax.devices()[:8])
     sharded = _sharded_bytes(run, run.model_config.text.vocab_size)
     by = p["collectives_by_payload_bytes"]
-    assert p["collective_dtypes"] == "partitioner" and p["collectives_narrowed_to_partitioner_dtype"] > 0
+    assert p["collectives_counted_in_bf16_as_partitioned"] > 0
     # forward and backward gather each float32 kernel once each, in bfloat16: about 1x its float32 bytes
     assert 0.45 * sharded <= by["all-gather/parameters"] <= 1.1 * sharded, by
     gradients = by.get("all-reduce/parameters", 0) + by.get("reduce-scatter/parameters", 0)
@@ -131,30 +132,49 @@ def test_bf16_fsdp_gathers_parameters_in_bf16_and_reduces_gradients_in_f32():
     assert any(e["kind"] == "all-gather" and e["payload"].startswith("bf16[") for e in p["largest_collectives"])
 
 
-_PARTITIONED = """
-  %g1 = bf16[8,16]{1,0} all-gather(%a), replica_groups=[1,8]<=[8], dimensions={0}
-  %g2 = f32[4]{0} all-gather(%b), replica_groups=[1,8]<=[8], dimensions={0}
-  %g3 = bf16[4]{0} all-gather(%c), replica_groups=[1,8]<=[8], dimensions={0}
-  %r1 = f32[8,16]{1,0} all-reduce(%d), replica_groups=[1,8]<=[8], to_apply=%add
-"""
-_COMPILED = """HloModule m
+_WIDENED = """HloModule m
 
-ENTRY %main (a: f32[8,16]) -> f32[8,16] {
-  %g = f32[8,16]{1,0} all-gather(%x), replica_groups=[1,8]<=[8], dimensions={0}
-  %h = f32[4]{0} all-gather(%y), replica_groups=[1,8]<=[8], dimensions={0}
-  %r = (f32[8,16]{1,0}, f32[2]{0}) all-reduce(%z, %w), replica_groups=[1,8]<=[8], to_apply=%add
+%fused_widen (p0: f32[2,8,16], p1: s32[]) -> f32[8,16] {
+  %p0 = f32[2,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %slice = f32[1,8,16]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,8,16}
+  %cast = bf16[1,8,16]{2,1,0} convert(%slice), metadata={op_name="jit(step)/convert_element_type"}
+  %widen = f32[1,8,16]{2,1,0} convert(%cast)
+  %layout = f32[1,8,16]{1,2,0} copy(%widen)
+  ROOT %flat = f32[8,16]{0,1} bitcast(%layout)
+}
+
+%fused_plain (p0: f32[2,8,16], p1: s32[]) -> f32[8,16] {
+  %p0 = f32[2,8,16]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %slice = f32[1,8,16]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,8,16}
+  ROOT %flat = f32[8,16]{1,0} bitcast(%slice)
+}
+
+ENTRY %main (a: f32[2,8,16], i: s32[], b: bf16[4]) -> f32[8,16] {
+  %a = f32[2,8,16]{2,1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %b = bf16[4]{0} parameter(2)
+  %k = f32[8,16]{1,0} fusion(%a, %i), kind=kLoop, calls=%fused_widen
+  %g = f32[64,16]{1,0} all-gather(%k), replica_groups=[1,8]<=[8], dimensions={0}
+  %w = f32[4]{0} convert(%b)
+  %h = f32[32]{0} all-gather(%w), replica_groups=[1,8]<=[8], dimensions={0}
+  %f = f32[8,16]{1,0} fusion(%a, %i), kind=kLoop, calls=%fused_plain
+  %r = (f32[8,16]{1,0}, f32[4]{0}) all-reduce(%f, %w), replica_groups=[1,8]<=[8], to_apply=%add
 }
 """
 
 
-def test_collectives_count_the_partitioners_dtype_only_where_it_is_unambiguous_and_narrower():
-    dtypes = partitioned_dtypes(_PARTITIONED)
-    assert dtypes[("all-gather", (8, 16))] == {"bf16"} and dtypes[("all-gather", (4,))] == {"f32", "bf16"}
-    c = collectives(_COMPILED, partitioned=dtypes)
-    assert c.by_kind["all-gather"] == 8 * 16 * 2 + 4 * 4  # narrowed; ambiguous shape kept in float32
-    assert c.by_kind["all-reduce"] == (8 * 16 + 2) * 4  # the partitioner's float32 (and an unknown shape) kept
-    assert c.narrowed == 1
-    assert collectives(_COMPILED).by_kind["all-gather"] == (8 * 16 + 4) * 4  # without it: as compiled
+def test_a_bf16_value_widened_to_f32_for_a_collective_is_counted_in_bf16():
+    """XLA CPU's float normalization: `convert` to float32 of a bfloat16 value (in a fusion, through
+    bitcasts, or alone) right before the collective. Genuine float32 payloads stay float32."""
+    as_compiled = collectives(_WIDENED)
+    c = collectives(_WIDENED, widened_bf16=True)
+    assert as_compiled.by_kind["all-gather"] == (64 * 16 + 32) * 4 and as_compiled.narrowed == 0
+    assert c.by_kind["all-gather"] == (64 * 16 + 32) * 2
+    assert c.by_kind["all-reduce"] == 8 * 16 * 4 + 4 * 2  # the plain slice stays float32, the widened one not
+    assert c.narrowed == 3
+    assert c.largest[0]["payload"] == "bf16[64,16]"
 
 
 _HLO = """HloModule m

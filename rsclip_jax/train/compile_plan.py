@@ -15,7 +15,7 @@ Reported per device:
   `models/flops.py`; XLA also counts elementwise work and rematerialised recomputation;
 * collectives: the bytes each kind moves per step (`hlo_collectives`), split into parameter-,
   embedding- and activation-sized payloads, in the dtypes the SPMD partitioner chose (a CPU compile
-  widens bfloat16 collectives to float32 afterwards; a GPU or TPU one does not).
+  widens bfloat16 collectives to float32 afterwards, a GPU or TPU one does not: counted as bfloat16).
 
 The numbers are compile-time facts of the backend that compiled: a CPU compile of simulated devices
 makes other fusion and scheduling choices than a GPU or TPU compile (e.g. gradients appear as
@@ -26,8 +26,6 @@ while parameter, optimizer and collective bytes hold. See docs/scaling.md.
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -38,7 +36,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rsclip_jax.models.flops import train_step_flops
-from rsclip_jax.train.hlo_collectives import collectives, partitioned_dtypes
+from rsclip_jax.train.hlo_collectives import collectives
 from rsclip_jax.train.loop import train_step_for
 from rsclip_jax.train.setup import Run, build_run
 
@@ -112,32 +110,13 @@ def _xla_flops(config: ml_collections.ConfigDict, devices: Any, batch: dict[str,
     return float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
 
 
-def _compile_keeping_partitioned_module(lowered: Any, platform: str) -> tuple[Any, str | None]:
-    """The compiled step and, on CPU, its HLO as the SPMD partitioner left it (None elsewhere, or if
-    XLA did not compile it, e.g. a persistent compilation cache hit).
-
-    Why: XLA CPU's float normalization widens every bfloat16 collective to float32 after
-    partitioning, so the compiled module alone would report FSDP's bf16 parameter gathers at twice
-    the bytes a GPU or TPU moves. A per-compile dump of that one pass (~15 MB for ViT-B/32, deleted
-    here) keeps the partitioner's dtypes.
-    """
-    if platform != "cpu":
-        return lowered.compile(), None
-    with tempfile.TemporaryDirectory(prefix="rsclip-plan-hlo-") as tmp:
-        compiled = lowered.compile(compiler_options={"xla_dump_to": tmp,
-                                                     "xla_dump_hlo_pass_re": "spmd-partitioning"})
-        dumps = sorted(Path(tmp).glob("*after_spmd-partitioning*.txt"))
-        return compiled, (dumps[-1].read_text() if dumps else None)
-
-
 def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: int | None = None) -> dict[str, Any]:
     """Compiles the train step of `config` on `devices` (default: all local ones) and reports its costs."""
     run = build_run(config, devices=devices)
     n = run.mesh.devices.size
     batch = abstract_batch(run)
     platform = run.mesh.devices.flat[0].platform
-    compiled, partitioned = _compile_keeping_partitioned_module(
-        train_step_for(run).lower(run.abstract_state, batch), platform)
+    compiled = train_step_for(run).lower(run.abstract_state, batch).compile()
     stats = compiled.memory_analysis()
     state = run.abstract_state
     memory = {
@@ -155,7 +134,7 @@ def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: 
     embed_dim, accum = run.model_config.embed_dim, config.optim.grad_accum_steps
     traffic = collectives(compiled.as_text(), _parameter_sizes(run),
                           {config.batch_size * embed_dim, config.batch_size // accum * embed_dim},
-                          partitioned=partitioned_dtypes(partitioned) if partitioned else None)
+                          widened_bf16=platform == "cpu")  # XLA CPU widens bf16 collectives to f32
     analytic = train_step_flops(run.model_config, config.batch_size)
     xla = _xla_flops(config, run.mesh.devices.flatten().tolist(), batch)
     result = {
@@ -176,9 +155,7 @@ def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: 
         "collective_counts": dict(traffic.count),
         "collectives_total_bytes": traffic.total,
         "while_loops_without_trip_count": traffic.unknown_trip_counts,
-        # "partitioner": payloads in the SPMD partitioner's dtypes; "compiled": as the backend compiled them
-        "collective_dtypes": "partitioner" if partitioned else "compiled",
-        "collectives_narrowed_to_partitioner_dtype": traffic.narrowed,
+        "collectives_counted_in_bf16_as_partitioned": traffic.narrowed,  # widened to f32 by XLA CPU only
         "largest_collectives": traffic.largest,
         "device_memory": device_memory,
         "exceeds_device_memory": bool(device_memory is not None and memory["total"] > device_memory),
@@ -229,12 +206,9 @@ def format_plan(p: dict[str, Any]) -> str:
         for e in p["largest_collectives"][:5]:
             lines.append(f"    {e['bytes'] / GIB:8.3f} GiB  x{e['executions']:<4} {e['kind']} {e['payload'][:60]}  "
                          f"{e['source'][-70:]}")
-    if p.get("collectives_narrowed_to_partitioner_dtype"):
-        lines.append(f"  note: {p['collectives_narrowed_to_partitioner_dtype']} collective(s) counted in the dtype the SPMD "
-                     "partitioner chose (bfloat16); XLA CPU widens them to float32, a GPU or TPU does not")
-    elif p["platform"] == "cpu" and p.get("collective_dtypes") == "compiled":
-        lines.append("  note: bytes as XLA CPU compiled them (it widens bfloat16 collectives to float32); the "
-                     "partitioner's module was not available (a compilation cache hit?)")
+    if p.get("collectives_counted_in_bf16_as_partitioned"):
+        lines.append(f"  note: {p['collectives_counted_in_bf16_as_partitioned']} collective(s) counted in bfloat16, as "
+                     "partitioned: XLA CPU widens them to float32, a GPU or TPU does not")
     if p["while_loops_without_trip_count"]:
         lines.append(f"  note: {p['while_loops_without_trip_count']} loop(s) without a known trip count were counted "
                      "once")

@@ -15,11 +15,13 @@ Counting rules, each a way an earlier count went wrong:
 * a `conditional` runs one branch: the branch with the most bytes is counted, not their sum;
 * a combined collective (a tuple of arrays) counts each array.
 
-Payload dtypes: XLA CPU widens bfloat16 collectives to float32 after SPMD partitioning (its
-float normalization: its collectives have no bfloat16 kernels), so a CPU plan's compiled module
-moves twice the bytes a GPU or TPU compile of the same partitioning moves for bf16 parameter
-gathers. Given the module as the partitioner left it (`partitioned_dtypes`), each array is counted
-in the narrower dtype the partitioner chose, where that dtype is unambiguous for its kind and shape.
+Payload dtypes: XLA CPU has no bfloat16 collectives, so after SPMD partitioning its float
+normalization widens each one to float32: the bfloat16 value is converted to float32 just before
+the collective (and back after). A GPU or TPU moves the bfloat16 value. With `widened_bf16=True`
+(what a CPU plan passes) an array whose operand is such a float32 copy of a bfloat16 value is
+counted in bfloat16: `convert(bf16 value)` itself, or a fusion whose root is that convert (through
+bitcasts, layout copies or transposes), the shape FSDP's parameter gathers of a bfloat16 step take
+on CPU.
 
 Every payload is also classified by shape: `parameters` when its element count is that of a
 parameter (whole, or one layer of a stacked one), `embeddings` when it is (batch, embed_dim)-sized
@@ -33,7 +35,7 @@ import dataclasses
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f64": 8,
@@ -52,7 +54,7 @@ class Collectives:
     count: Counter  # kind -> number of executions
     unknown_trip_counts: int  # while loops counted once because XLA recorded no trip count
     largest: list[dict] = dataclasses.field(default_factory=list)  # the biggest collectives, for a reader
-    narrowed: int = 0  # arrays counted in the partitioner's narrower dtype, not the backend's (docstring)
+    narrowed: int = 0  # arrays counted in bfloat16 that the backend widened to float32 (module docstring)
 
     @property
     def total(self) -> int:
@@ -109,38 +111,67 @@ def _payloads(line: str) -> tuple[str, list[tuple[str, tuple[int, ...]]]] | None
     return base, _full(result_type, group_size(line) if base == "reduce-scatter" else 1)
 
 
-def partitioned_dtypes(hlo: str) -> dict[tuple[str, tuple[int, ...]], set[str]]:
-    """The dtypes each collective kind moves, by array shape, in a module as the SPMD partitioner left
-    it (`--xla_dump_hlo_pass_re=spmd-partitioning`), for `collectives(..., partitioned=...)`."""
-    found: dict[tuple[str, tuple[int, ...]], set[str]] = {}
-    for line in hlo.splitlines():
-        collective = _payloads(line)
-        for dtype, dims in collective[1] if collective else ():
-            found.setdefault((collective[0], dims), set()).add(dtype)
-    return found
+_NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)")
+
+
+def _definitions(lines: list[str]) -> dict[str, str]:
+    """Instruction name -> its line, in one computation."""
+    return {m.group(1): line for line in lines if (m := _NAMED.match(line))}
+
+
+def _root(lines: list[str]) -> str | None:
+    return next((line for line in lines if line.lstrip().startswith("ROOT ")), None)
+
+
+def _is_widened_bf16(line: str | None, defs: dict[str, str], computations: dict[str, list[str]], depth: int = 0) -> bool:
+    """Whether `line` computes a float32 copy of a bfloat16 value: `convert(%x)` with `x` bfloat16,
+    through bitcasts, layout copies or transposes, or a fusion whose root does (float normalization's
+    widening on XLA CPU)."""
+    op = _OP.search(line) if line else None
+    if not op or depth > 8:
+        return False
+    kind, operands = op.group(2), re.findall(r"%([\w.\-]+)", line[op.end():].split(")", 1)[0])
+    if kind == "convert" and operands:
+        source = defs.get(operands[0], "")
+        named = _NAMED.match(source)
+        return bool(named and named.group(2).startswith("bf16["))
+    if kind in ("bitcast", "copy", "reshape", "transpose") and operands:  # the same values, moved
+        return _is_widened_bf16(defs.get(operands[0]), defs, computations, depth + 1)
+    if kind == "fusion":
+        called = re.search(r"calls=%?([\w.\-]+)", line)
+        body = computations.get(called.group(1), []) if called else []
+        return _is_widened_bf16(_root(body), _definitions(body), computations, depth + 1)
+    return False
 
 
 def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: Iterable[int] = (),
-                largest: int = 12,
-                partitioned: Mapping[tuple[str, tuple[int, ...]], set[str]] | None = None) -> Collectives:
+                largest: int = 12, widened_bf16: bool = False) -> Collectives:
     """Counts the collectives of one step; sizes (element counts) classify payloads (module docstring).
 
     `largest`: how many of the costliest instructions to list (kind, payload type, executions per
-    step, bytes per step and the JAX operation they come from). `partitioned`: the dtypes of the
-    same module before the backend's rewrites (`partitioned_dtypes`); an array is counted in the
-    partitioner's dtype when that is the only one it has for the kind and shape, and narrower.
+    step, bytes per step and the JAX operation they come from). `widened_bf16`: count the float32
+    copies XLA CPU makes of bfloat16 values as the bfloat16 they carry (module docstring).
     """
     params, embeddings = set(parameter_sizes), set(embedding_sizes)
     computations, entry = _computations(hlo)
     unknown, narrowed = [0], [0]
     listed: list[dict] = []
+    definitions: dict[str, dict[str, str]] = {}
 
-    def as_partitioned(kind: str, dtype: str, dims: tuple[int, ...]) -> str:
-        chosen = (partitioned or {}).get((kind, dims), set())
-        if len(chosen) == 1 and _DTYPE_BYTES.get(only := next(iter(chosen)), 99) < _DTYPE_BYTES[dtype]:
-            narrowed[0] += 1
-            return only
-        return dtype
+    def as_moved(comp: str, line: str, payload: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
+        """The payload in the dtypes a GPU or TPU would move (see `widened_bf16`)."""
+        op = _OP.search(line)
+        operands = re.findall(r"%([\w.\-]+)", line[op.end():].split(")", 1)[0]) if op else []
+        if not widened_bf16 or len(operands) != len(payload):
+            return payload
+        defs = definitions.setdefault(comp, _definitions(computations.get(comp, [])))
+        moved = []
+        for (dtype, dims), operand in zip(payload, operands):
+            if dtype == "f32" and _is_widened_bf16(defs.get(operand), defs, computations):
+                narrowed[0] += 1
+                dtype = "bf16"
+            moved.append((dtype, dims))
+        return moved
 
     def classify(dims: tuple[int, ...]) -> str:
         n = math.prod(dims)
@@ -156,7 +187,7 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
             kind, collective = op.group(2), _payloads(line)
             if collective:
                 base = collective[0]
-                payload = [(as_partitioned(base, dt, dims), dims) for dt, dims in collective[1]]
+                payload = as_moved(comp, line, collective[1])
                 for dtype, dims in payload:
                     out[(base, classify(dims))] += math.prod(dims) * _DTYPE_BYTES[dtype] * trips
                 out[("#", base)] += trips
