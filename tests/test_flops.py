@@ -92,3 +92,27 @@ def test_mfu_is_logged_with_a_configured_peak(tmp_path):
     achieved = record["tflops_per_device"] * 1e12
     assert record["mfu"] == pytest.approx(achieved / 0.5e12, rel=1e-6)
     assert achieved == pytest.approx(flops * record["samples_per_sec"] / config.batch_size, rel=1e-6)
+
+
+def test_input_wait_fraction_shows_when_the_step_waits_on_its_batches(tmp_path, monkeypatch):
+    """The share of wall time the loop spends getting batches ready: a few ms per step for the demo's
+    pipeline, all of a 0.5 s delay in placing each batch on the devices (a slow host)."""
+    import time
+
+    from rsclip_jax.train import loop
+    from rsclip_jax.train.config import load_config
+
+    def input_seconds_per_step(name: str) -> float:
+        config = load_config("configs/demo.py", ["--config.total_steps=6", "--config.log_every_steps=3",
+                                                 f"--config.data.train={tmp_path / 'data'}", "--config.evals={}"])
+        loop.train(config, str(tmp_path / name))
+        records = loop.read_metrics(str(tmp_path / name))
+        assert all(0.0 <= r["input_wait_fraction"] <= 1.0 for r in records)
+        last = records[-1]  # compiled: its three steps ran back to back
+        return last["input_wait_fraction"] * config.batch_size / last["samples_per_sec"]
+
+    fast = input_seconds_per_step("fast")
+    real = loop.to_global_batch
+    monkeypatch.setattr(loop, "to_global_batch", lambda *a, **k: (time.sleep(0.5), real(*a, **k))[1])
+    slow = input_seconds_per_step("slow")
+    assert 0.49 <= slow < 0.5 + 0.25 and fast < 0.25, (fast, slow)

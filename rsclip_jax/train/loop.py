@@ -230,9 +230,11 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
     evals: dict[str, float] = {}
     skipped, ended, saved_step = 0, "completed", None
     window_start, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0.0, 0
+    window_input = 0.0  # seconds the loop spent getting batches ready (see input_wait_fraction)
     step = start
     try:
         while step < config.total_steps:
+            input_start = time.perf_counter()
             host_batch = next(data_iter)
             if trim:
                 host_batch = trim_text_padding(host_batch, trim, fixed_width)
@@ -246,6 +248,7 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
             window_flops += flops_by_width[width]
             window_tokens += width
             batch = to_global_batch(host_batch, run.mesh, run.batch_axes)
+            window_input += time.perf_counter() - input_start
             state, metrics = step_fn(state, batch)
             if step == start:  # first batch, compile, first run (collectives connect): minutes for a large model
                 jax.block_until_ready(metrics)
@@ -292,10 +295,13 @@ def _loop(run: Run, config: ml_collections.ConfigDict, state: Any, start: int, d
                 last = _step_metrics(metrics, step, window_steps, elapsed, config.batch_size, window_flops, peak,
                                      skipped)
                 last["text_tokens"] = window_tokens / window_steps
+                # Near 0: the input pipeline keeps up. Near 1: the devices wait on the host's batches.
+                last["input_wait_fraction"] = min(1.0, window_input / max(elapsed, 1e-9))
                 if skip_corrupt:
                     last["corrupt_records"] = int(corrupt_total)
                 writer.write(step, last)
                 window_start, window_steps, window_flops, window_tokens = time.perf_counter(), 0, 0.0, 0
+                window_input = 0.0
             step_evals = None
             if evaluate:
                 with heartbeat.keepalive("eval"):
