@@ -114,6 +114,12 @@ def _payloads(line: str) -> tuple[str, list[tuple[str, tuple[int, ...]]]] | None
 _NAMED = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)")
 
 
+def _operands(line: str) -> list[str]:
+    """The names of an instruction's operands (those before the first closing parenthesis)."""
+    op = _OP.search(line)
+    return re.findall(r"%([\w.\-]+)", line[op.end():].split(")", 1)[0]) if op else []
+
+
 def _definitions(lines: list[str]) -> dict[str, str]:
     """Instruction name -> its line, in one computation."""
     return {m.group(1): line for line in lines if (m := _NAMED.match(line))}
@@ -130,7 +136,7 @@ def _is_widened_bf16(line: str | None, defs: dict[str, str], computations: dict[
     op = _OP.search(line) if line else None
     if not op or depth > 8:
         return False
-    kind, operands = op.group(2), re.findall(r"%([\w.\-]+)", line[op.end():].split(")", 1)[0])
+    kind, operands = op.group(2), _operands(line)
     if kind == "convert" and operands:
         source = defs.get(operands[0], "")
         named = _NAMED.match(source)
@@ -160,8 +166,7 @@ def collectives(hlo: str, parameter_sizes: Iterable[int] = (), embedding_sizes: 
 
     def as_moved(comp: str, line: str, payload: list[tuple[str, tuple[int, ...]]]) -> list[tuple[str, tuple[int, ...]]]:
         """The payload in the dtypes a GPU or TPU would move (see `widened_bf16`)."""
-        op = _OP.search(line)
-        operands = re.findall(r"%([\w.\-]+)", line[op.end():].split(")", 1)[0]) if op else []
+        operands = _operands(line)
         if not widened_bf16 or len(operands) != len(payload):
             return payload
         defs = definitions.setdefault(comp, _definitions(computations.get(comp, [])))
