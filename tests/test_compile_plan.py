@@ -115,8 +115,8 @@ def test_eval_embedding_under_fsdp_gathers_parameters_not_activations():
 def test_bf16_fsdp_gathers_parameters_in_bf16_and_reduces_gradients_in_f32():
     """In bfloat16 compute the partitioner gathers each layer's kernels already cast, half the bytes of
     float32, and reduces gradients in float32. XLA CPU widens the gathers back to float32 after
-    partitioning; the plan counts what the partitioner chose (what a GPU or TPU moves), the same
-    when the compile comes from a persistent compilation cache (a plan has no other source)."""
+    partitioning; the plan counts what the partitioner chose (what a GPU or TPU moves), from the
+    compiled module alone, so a persistent-cache hit counts the same."""
     config = load_config(str(REPO / "configs" / "demo.py"), ["--config.batch_size=64", "--config.mesh.shape=(1,8,1)",
                                                              "--config.mesh.fsdp_min_size=4096",
                                                              "--config.model.dtype=bfloat16"])
