@@ -83,6 +83,25 @@ def test_fsdp_gathers_parameters_not_activations():
         sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(run.abstract_state.params)), rel=0.01)
 
 
+def test_plan_at_the_width_a_run_trims_its_captions_to():
+    """--caption-tokens N plans the step a run compiles when its longest caption takes N tokens (the
+    demo trims to a multiple of 8: 13 -> 16 of 77): smaller text FLOPs and temporaries, and XLA
+    counts the narrower step too (within 25% of the analytic count for this tiny model, whose
+    elementwise work weighs more)."""
+    from rsclip_jax.models.flops import train_step_flops
+
+    config = load_config(str(REPO / "configs" / "demo.py"), ["--config.batch_size=16"])
+    full, trimmed = plan(config, jax.devices()[:1]), plan(config, jax.devices()[:1], caption_tokens=13)
+    assert (full["caption_width"], trimmed["caption_width"]) == (77, 16)
+    model = build_run(config, jax.devices()[:1]).model_config
+    flops = trimmed["flops_per_step"]
+    assert flops["analytic"] == train_step_flops(model, 16, 16).total
+    assert flops["analytic_text_tower"] < full["flops_per_step"]["analytic_text_tower"] / 3
+    assert flops["xla_unrolled"] < full["flops_per_step"]["xla_unrolled"]
+    assert flops["xla_over_analytic"] == pytest.approx(1.0, abs=0.25)
+    assert trimmed["memory_per_device_bytes"]["xla_temporaries"] < full["memory_per_device_bytes"]["xla_temporaries"]
+
+
 def test_eval_embedding_under_fsdp_gathers_parameters_not_activations():
     """The evaluator's jitted embedding, fed FSDP-sharded training weights, keeps its activations
     batch-sharded as the train step does. Without the constraint XLA all-reduced whole activations
@@ -228,6 +247,9 @@ def test_collective_accounting_rules():
     (["--compile-only", "--topology", "v5e:2x2"], "--topology v5e:2x2: JAX cannot describe this TPU topology"),
     (["--compile-only", "--simulate-devices", "8", "--topology", "v5e:2x2"], "give one of them"),
     (["--compile-only", "--distributed"], "--compile-only plans in one process"),
+    (["--caption-tokens", "20"], "--caption-tokens only plans a run: add --compile-only"),
+    (["--compile-only", "--caption-tokens", "20", "--config.data.trim_text_multiple=0"],
+     "--caption-tokens 20: this config keeps all 77 caption tokens"),
 ])
 def test_bad_planning_flags_fail_in_one_line(capsys, argv, message):
     assert main(["train", "--config", str(REPO / "configs" / "demo.py"), *argv]) == 1

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--device-memory", type=byte_size, metavar="SIZE", help="memory of one device, e.g. 16GiB or "
                       f"80GB: a plan that needs more prints a WARNING and exits {EXCEEDS_EXIT_CODE}")
     plan.add_argument("--plan-json", metavar="FILE", help="also write the plan as JSON to FILE")
+    plan.add_argument("--caption-tokens", type=positive_int, metavar="N", help="the longest caption of the "
+                      "training data in tokens (max_caption_tokens in its manifest.json): plan at the width the "
+                      "run trims captions to (data.trim_text_multiple), not the full context length")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
 
@@ -52,7 +55,7 @@ def run_train(args: argparse.Namespace) -> int:
     check_distributed_args(args)
     if args.compile_only:
         return run_plan(args)
-    planning = [f for f in ("--simulate-devices", "--topology", "--device-memory", "--plan-json")
+    planning = [f for f in ("--simulate-devices", "--topology", "--device-memory", "--plan-json", "--caption-tokens")
                 if getattr(args, f[2:].replace("-", "_")) is not None]
     if planning:
         verb = "plans" if len(planning) == 1 else "plan"
@@ -86,7 +89,7 @@ def run_plan(args: argparse.Namespace) -> int:
         devices = topology_devices(args.topology)
     else:
         devices = None
-    result = plan(config, devices, args.device_memory)
+    result = plan(config, devices, args.device_memory, args.caption_tokens)
     print(format_plan(result), file=sys.stdout)
     if args.plan_json:
         atomic_write_json(args.plan_json, result)

@@ -36,6 +36,7 @@ from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rsclip_jax.models.flops import train_step_flops
+from rsclip_jax.tokenizer import padded_width
 from rsclip_jax.train.hlo_collectives import collectives
 from rsclip_jax.train.loop import train_step_for
 from rsclip_jax.train.setup import Run, build_run
@@ -70,12 +71,31 @@ def topology_devices(name: str) -> list[Any]:
                          "it needs libtpu (pip install 'jax[tpu]'), or plan on CPU with --simulate-devices N") from None
 
 
-def abstract_batch(run: Run) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch `rsclip train` feeds, as shapes with the batch sharding (no data needed)."""
-    b, size, ctx = run.config.batch_size, run.model_config.vision.image_size, run.model_config.text.context_length
+def abstract_batch(run: Run, caption_width: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch `rsclip train` feeds, as shapes with the batch sharding (no data needed);
+    captions `caption_width` tokens wide (default: the model's full context length)."""
+    b, size = run.config.batch_size, run.model_config.vision.image_size
+    width = caption_width or run.model_config.text.context_length
     rows = NamedSharding(run.mesh, P(run.batch_axes))
     return {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=rows),
-            "tokens": jax.ShapeDtypeStruct((b, ctx), jnp.int32, sharding=rows)}
+            "tokens": jax.ShapeDtypeStruct((b, width), jnp.int32, sharding=rows)}
+
+
+def caption_width(config: ml_collections.ConfigDict, context_length: int, longest: int | None) -> int:
+    """The width a run's steps take when its longest caption takes `longest` tokens: rounded up as
+    `data.trim_text_multiple` rounds (docs/training.md, Caption padding); the full context length
+    when `longest` is None.
+
+    Raises:
+        ValueError: `longest` given while the config keeps every token (trim_text_multiple=0).
+    """
+    if longest is None:
+        return context_length
+    multiple = config.data.get("trim_text_multiple", 0)
+    if not multiple:
+        raise ValueError(f"--caption-tokens {longest}: this config keeps all {context_length} caption tokens "
+                         "(data.trim_text_multiple=0); drop the flag, or set --config.data.trim_text_multiple=8")
+    return padded_width(longest, multiple, context_length)
 
 
 def per_device_bytes(tree: Any) -> int:
@@ -110,11 +130,18 @@ def _xla_flops(config: ml_collections.ConfigDict, devices: Any, batch: dict[str,
     return float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
 
 
-def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: int | None = None) -> dict[str, Any]:
-    """Compiles the train step of `config` on `devices` (default: all local ones) and reports its costs."""
+def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: int | None = None,
+         caption_tokens: int | None = None) -> dict[str, Any]:
+    """Compiles the train step of `config` on `devices` (default: all local ones) and reports its costs.
+
+    `caption_tokens`: the longest caption of the training data, in tokens (its manifest's
+    `max_caption_tokens`); the step is then planned at the width the run trims its captions to,
+    instead of the full context length, the most a step can take.
+    """
     run = build_run(config, devices=devices)
     n = run.mesh.devices.size
-    batch = abstract_batch(run)
+    width = caption_width(config, run.model_config.text.context_length, caption_tokens)
+    batch = abstract_batch(run, width)
     platform = run.mesh.devices.flat[0].platform
     compiled = train_step_for(run).lower(run.abstract_state, batch).compile()
     stats = compiled.memory_analysis()
@@ -135,11 +162,12 @@ def plan(config: ml_collections.ConfigDict, devices: Any = None, device_memory: 
     traffic = collectives(compiled.as_text(), _parameter_sizes(run),
                           {config.batch_size * embed_dim, config.batch_size // accum * embed_dim},
                           widened_bf16=platform == "cpu")  # XLA CPU widens bf16 collectives to f32
-    analytic = train_step_flops(run.model_config, config.batch_size)
+    analytic = train_step_flops(run.model_config, config.batch_size, width)
     xla = _xla_flops(config, run.mesh.devices.flatten().tolist(), batch)
     result = {
         "model": config.model.name, "dtype": config.model.dtype, "batch_size": config.batch_size,
         "grad_accum_steps": accum, "mesh": dict(run.mesh.shape), "devices": n,
+        "caption_width": width, "context_length": run.model_config.text.context_length,
         "platform": platform,
         "memory_per_device_bytes": memory,
         "flops_per_step": {
@@ -174,8 +202,12 @@ def format_plan(p: dict[str, Any]) -> str:
     gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
     m, f, c = p["memory_per_device_bytes"], p["flops_per_step"], p["collectives_per_device_bytes"]
     mesh = " x ".join(f"{k} {v}" for k, v in p["mesh"].items())
+    width, context = p["caption_width"], p["context_length"]
+    captions = (f"captions trimmed to {width} of {context} tokens (--caption-tokens)" if width < context else
+                f"captions at all {context} tokens (--caption-tokens N plans at the width a run trims them to)")
     lines = [f"plan: {p['model']} ({p['dtype']}), global batch {p['batch_size']}, grad_accum_steps "
              f"{p['grad_accum_steps']}, {p['devices']} {p['platform']} devices, mesh {mesh}",
+             captions,
              "", "memory per device"]
     rows = [("parameters", m["parameters"]), ("optimizer state", m["optimizer"]),
             ("other state (step, batch statistics)", m["other_state"]), ("batch", m["batch"]),
