@@ -61,6 +61,8 @@ def apply_cpu_dispatch(config: ml_collections.ConfigDict, log: Any = None) -> No
     CPU device: a multi-device or multi-process CPU step and every GPU or TPU step are unaffected.
     """
     want = bool(config.get("cpu_async_dispatch", False))  # default_config()'s
+    if "jax_cpu_enable_async_dispatch" not in jax.config.values:
+        return  # a JAX without the option (it is JAX's, not an API promise): its default dispatch
     initialized = getattr(xla_bridge, "backends_are_initialized", lambda: True)()
     if not initialized:
         jax.config.update("jax_cpu_enable_async_dispatch", want)
