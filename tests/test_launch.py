@@ -204,6 +204,37 @@ def test_ctrl_c_to_the_launcher_is_a_clean_interruption(tmp_path):
     assert "exited with code 130" not in text  # not reported as a failure
 
 
+def test_a_stopped_process_is_blamed_even_before_its_own_heartbeat_goes_stale(tmp_path):
+    """Process 0 stopped beating first (blocked in a collective, waiting) and went stale; process 1,
+    stopped (SIGSTOP) a moment later, is the cause and is named, though its heartbeat is not yet
+    stale. Without a stopped process, the stalest is named."""
+    processes = [Process([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ),
+                         str(tmp_path / f"p{i}.log")) for i in range(2)]
+    for p in processes:
+        p.popen, p.started = subprocess.Popen(p.argv), time.monotonic()
+    try:
+        supervisor = Supervisor(processes, heartbeat_dir=str(tmp_path), heartbeat_timeout=20, stream=False)
+        now = time.time()
+        for i, age in enumerate((30, 15)):
+            path = heartbeat.heartbeat_path(str(tmp_path), i)
+            with open(path, "w") as f:
+                f.write("train")
+            os.utime(path, (now - age, now - age))
+        blamed, _, phase = supervisor._hung()
+        assert blamed is processes[0] and "stopped" not in phase
+        processes[1].popen.send_signal(signal.SIGSTOP)
+        deadline = time.time() + 10
+        while time.time() < deadline and psutil.Process(processes[1].popen.pid).status() != psutil.STATUS_STOPPED:
+            time.sleep(0.05)
+        blamed, age, phase = supervisor._hung()
+        assert blamed is processes[1] and phase.endswith("the process is stopped (SIGSTOP?)")
+        assert 14 < age < 20
+    finally:
+        for p in processes:
+            p.popen.kill()
+            p.popen.wait()
+
+
 def test_sigstop_is_caught_by_the_heartbeat(train_shards, tmp_path):
     workdir = tmp_path / "w"
     timeout = 20

@@ -223,7 +223,10 @@ def test_failed_save_is_reported_at_its_step_and_the_run_stops(tmp_path, train_s
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"rsclip train: error: saving the checkpoint of step 4 to {tmp_path}/checkpoints failed: ")
     assert "File too large" in last and "rerun the same command to resume" in last
-    assert max(_metric_losses(tmp_path)) < 8  # stopped before the next save, not an interval late
+    # Stopped by the next save at the latest (step 8 waits for step 4's background save), not an
+    # interval late; usually earlier, when a step's check finds the failed save (steps 5-7), but a
+    # loaded machine can take that long to fail the write (CI once logged step 8).
+    assert max(_metric_losses(tmp_path)) <= 8
     assert _checkpoint_steps(tmp_path) == []
     assert not (tmp_path / OWNER_NAME).exists()  # released on the way out
 

@@ -217,12 +217,14 @@ class Supervisor:
         return exit_status(p.returncode)
 
     def _hung(self) -> tuple[Process, float, str] | None:
-        """The process to blame when heartbeats are older than the timeout: one stopped (SIGSTOP) if
-        any, else the stalest (the others are usually waiting for it in a collective)."""
+        """The process to blame when a heartbeat is older than the timeout: one stopped (SIGSTOP) if
+        any, stale or not yet, else the stalest (the others are usually waiting for it in a
+        collective). A process blocked in a collective can go stale before the stopped process it
+        waits for: it stopped beating first, when the stopped one was still a step behind."""
         if not self.heartbeat_dir or self.heartbeat_timeout <= 0:
             return None
         now_wall, now = time.time(), time.monotonic()
-        stale = []
+        running = []
         for i, p in enumerate(self.processes):
             if p.returncode is not None:
                 continue
@@ -233,11 +235,10 @@ class Supervisor:
                     phase = f.read().strip() or "?"
             except OSError:
                 age, phase = now - p.started, "starting (no heartbeat yet)"
-            if age > self.heartbeat_timeout:
-                stale.append((_is_stopped(p.popen.pid), age, p, phase))
-        if not stale:
+            running.append((_is_stopped(p.popen.pid), age, p, phase))
+        if not any(age > self.heartbeat_timeout for _, age, _, _ in running):
             return None
-        stopped, age, p, phase = max(stale, key=lambda s: (s[0], s[1]))
+        stopped, age, p, phase = max(running, key=lambda s: (s[0], s[1]))
         return p, age, phase + ("; the process is stopped (SIGSTOP?)" if stopped else "")
 
     def _hang(self, p: Process, age: float, phase: str) -> int:
