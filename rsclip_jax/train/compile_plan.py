@@ -71,11 +71,11 @@ def topology_devices(name: str) -> list[Any]:
                          "it needs libtpu (pip install 'jax[tpu]'), or plan on CPU with --simulate-devices N") from None
 
 
-def abstract_batch(run: Run, caption_width: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(run: Run, width: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch `rsclip train` feeds, as shapes with the batch sharding (no data needed);
-    captions `caption_width` tokens wide (default: the model's full context length)."""
+    captions `width` tokens wide (default: the model's full context length)."""
     b, size = run.config.batch_size, run.model_config.vision.image_size
-    width = caption_width or run.model_config.text.context_length
+    width = width or run.model_config.text.context_length
     rows = NamedSharding(run.mesh, P(run.batch_axes))
     return {"images": jax.ShapeDtypeStruct((b, size, size, 3), jnp.uint8, sharding=rows),
             "tokens": jax.ShapeDtypeStruct((b, width), jnp.int32, sharding=rows)}

@@ -67,7 +67,7 @@ def apply_cpu_dispatch(config: ml_collections.ConfigDict, log: Any = None) -> No
     if not initialized:
         jax.config.update("jax_cpu_enable_async_dispatch", want)
     elif log is not None and jax.default_backend() == "cpu" and \
-            bool(jax.config.values.get("jax_cpu_enable_async_dispatch", True)) != want:
+            bool(jax.config.values["jax_cpu_enable_async_dispatch"]) != want:
         log(f"cpu_async_dispatch={want} not applied: JAX's CPU backend was created before training started (the "
             "setting takes effect in a fresh process)")
 
